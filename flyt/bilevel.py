@@ -1,0 +1,285 @@
+"""One FLYT training step, step by step as DESIGN.md §3 numbers them.
+
+    1. scores s = q_phi(batch), weights w = softmax(s) over the global batch
+    2. weighted CLIP loss L_w(theta; w) on the reference model's embeddings
+    3. g = grad_theta L_w
+    4. theta' = AdamW(theta, g), differentiable in g
+    5. downstream loss L_down(theta') (zero-shot cross-entropy per task, or the CLIP loss)
+    6. v = dL_down/dg, carried back through the AdamW map
+    7. dL_down/dw = d/dw <J_e v, dL_w/de (e, w)>: one Jacobian-vector product u = J_e v through the model,
+       then a second derivative of the cheap loss-on-embeddings only
+    8. grad_phi = backprop of step 7 through softmax and q_phi
+    9. theta <- theta' when the reference model is updated
+
+The model is only ever differentiated once (backward for g and dL_down/dtheta', forward-mode for u).
+With ``accum_freq`` > 1 the batches are processed in chunks (embeddings first, then one vjp/jvp per chunk),
+which changes memory, not the mathematics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Callable, ContextManager, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call, jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from flyt.comm import LocalComm
+from flyt.losses import clip_loss, weighted_clip_loss, zero_shot_loss
+from flyt.optim import AdamWConfig, AdamWState, Tensors, adamw_update
+
+LOGIT_SCALE_BOUNDS = (2.0, math.log(100))
+
+
+@dataclass(frozen=True)
+class BilevelConfig:
+    adamw: AdamWConfig = AdamWConfig()
+    downstream_loss: str = "zeroshot"  # or "clip"
+    update_reference: bool = True
+    accum_freq: int = 1
+    logit_scale_bounds: tuple[float, float] = LOGIT_SCALE_BOUNDS
+    autocast: Callable[[], ContextManager] = contextlib.nullcontext
+    loss_scale: float = 1.0  # fp16: cotangents are multiplied by this and gradients divided by it
+
+
+@dataclass
+class DownstreamBatch:
+    """One task's slice of the step. Zero-shot: images, labels and this rank's class prompts (one
+    tokenized prompt per class, template drawn per step). CLIP loss: images and their captions."""
+
+    name: str
+    images: torch.Tensor
+    labels: torch.Tensor | None = None
+    prompts: torch.Tensor | None = None
+    texts: torch.Tensor | None = None
+
+
+@dataclass
+class StepResult:
+    params: Tensors
+    opt_state: AdamWState
+    finite: bool
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _embedder(model: nn.Module, autocast: Callable[[], ContextManager]):
+    """f(params, image=, text=) -> tuple of normalised float32 embeddings, through OpenCLIP's forward."""
+
+    def embed(params: Tensors, image: torch.Tensor | None = None, text: torch.Tensor | None = None):
+        with autocast():
+            out = functional_call(model, params, (), {"image": image, "text": text})
+        return tuple(_wide(o) for o in out[:2] if o is not None)
+
+    return embed
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """Losses run in at least float32 whatever the model's precision (float64 stays float64)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+class _Encoded:
+    """Embeddings of several input pieces at one parameter point, with vjp and jvp back to the parameters.
+
+    Unchunked, the forward graph is kept for the vjp (one forward + one backward, like a plain step);
+    chunked, the forward runs without a graph and each piece is recomputed for its vjp.
+    """
+
+    def __init__(self, pieces: Sequence[Callable[[Tensors], tuple]], params: Tensors, keep_graph: bool):
+        self.pieces, self.params, self.keep_graph = pieces, params, keep_graph
+        if keep_graph:
+            self.leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+            with torch.enable_grad():
+                self.outputs = [piece(self.leaves) for piece in pieces]
+            self.values = [tuple(o.detach() for o in out) for out in self.outputs]
+        else:
+            with torch.no_grad():
+                self.values = [piece(params) for piece in pieces]
+
+    def cat(self, i: int) -> torch.Tensor:
+        """The i-th output of every piece, concatenated over pieces."""
+        return torch.cat([v[i] for v in self.values])
+
+    def vjp(self, cotangents: list[tuple], scale: float = 1.0) -> Tensors:
+        """Sum over pieces of J^T cotangent (cotangents multiplied by ``scale``, the result divided)."""
+        names = list(self.params)
+        total = {k: torch.zeros_like(v) for k, v in self.params.items()}
+        for i, piece in enumerate(self.pieces):
+            if self.keep_graph:
+                outputs, leaves = self.outputs[i], self.leaves
+            else:
+                leaves = {k: v.detach().requires_grad_() for k, v in self.params.items()}
+                with torch.enable_grad():
+                    outputs = piece(leaves)
+            grads = torch.autograd.grad(outputs, [leaves[k] for k in names],
+                                        [c * scale for c in cotangents[i]], allow_unused=True)
+            for k, g in zip(names, grads):
+                if g is not None:
+                    total[k] += g / scale
+        return total
+
+    def jvp(self, tangents: Tensors) -> list[tuple]:
+        """J v for every piece, by forward-mode AD (math attention: no fused kernel has a forward AD rule).
+
+        The tangent is normalised to unit max-norm and the result rescaled, so that fp16 forward-mode
+        arithmetic sees well-scaled numbers whatever the size of v.
+        """
+        norm = max(t.abs().max() for t in tangents.values()).clamp_min(1e-30)
+        unit = {k: tangents[k] / norm for k in self.params}
+        with sdpa_kernel(SDPBackend.MATH), _mha_fastpath(False):
+            return [tuple(t * norm for t in jvp(piece, (self.params,), (unit,))[1]) for piece in self.pieces]
+
+
+@contextlib.contextmanager
+def _mha_fastpath(enabled: bool):
+    previous = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(enabled)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(previous)
+
+
+def _chunks(t: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
+    return torch.tensor_split(t, min(n, t.shape[0])) if n > 1 else (t,)
+
+
+def _split_like(t: torch.Tensor, values: list[tuple], i: int) -> list[torch.Tensor]:
+    return list(torch.split(t, [v[i].shape[0] for v in values]))
+
+
+def _upstream(embed, params: Tensors, batch: dict, cfg: BilevelConfig) -> _Encoded:
+    pieces = [lambda p, x=x, t=t: embed(p, image=x, text=t)
+              for x, t in zip(_chunks(batch["image"], cfg.accum_freq), _chunks(batch["text"], cfg.accum_freq))]
+    return _Encoded(pieces, params, keep_graph=cfg.accum_freq == 1)
+
+
+def _downstream_grad(embed, params: Tensors, dls: torch.Tensor | None, tasks: Sequence[DownstreamBatch],
+                     cfg: BilevelConfig, comm) -> tuple[Tensors, torch.Tensor | None, dict[str, float]]:
+    """Mean downstream loss over tasks at ``params`` and its gradient w.r.t. params (summed over ranks)
+    and w.r.t. the downstream logit scale."""
+    grads = {k: torch.zeros_like(v) for k, v in params.items()}
+    dls_leaf = dls.detach().requires_grad_() if dls is not None else None
+    dls_grad = torch.zeros_like(dls) if dls is not None else None
+    losses = {}
+    for task in tasks:
+        if cfg.downstream_loss == "zeroshot":
+            pieces = [lambda p, x=x: embed(p, image=x) for x in _chunks(task.images, cfg.accum_freq)]
+            pieces.append(lambda p: embed(p, text=task.prompts))
+        else:
+            pieces = [lambda p, x=x, t=t: embed(p, image=x, text=t)
+                      for x, t in zip(_chunks(task.images, cfg.accum_freq), _chunks(task.texts, cfg.accum_freq))]
+        enc = _Encoded(pieces, params, keep_graph=cfg.accum_freq == 1)
+        with torch.enable_grad():
+            if cfg.downstream_loss == "zeroshot":
+                img_local = torch.cat([v[0] for v in enc.values[:-1]])
+                cls_local = enc.values[-1][0]
+                img = comm.gather(img_local).requires_grad_()
+                classifier = comm.gather(cls_local).requires_grad_()
+                labels = comm.gather(task.labels)
+                scale = dls_leaf.exp() if dls_leaf is not None else torch.ones((), dtype=img.dtype, device=img.device)
+                loss = zero_shot_loss(img, classifier, labels, scale)
+                leaves = [img, classifier]
+            else:
+                img, txt = comm.gather(enc.cat(0)).requires_grad_(), comm.gather(enc.cat(1)).requires_grad_()
+                ls = params["logit_scale"].detach().requires_grad_()
+                scale = dls_leaf.exp() if dls_leaf is not None else ls.exp()
+                loss = clip_loss(img, txt, scale)
+                leaves = [img, txt, ls]
+            extra = [dls_leaf] if dls_leaf is not None else []
+            all_grads = torch.autograd.grad(loss, leaves + extra, allow_unused=True)
+        n_tasks = len(tasks)
+        if cfg.downstream_loss == "zeroshot":
+            g_img, g_cls = all_grads[0], all_grads[1]
+            n_img = img_local.shape[0]
+            g_img_local = g_img[comm.local_slice(n_img)]
+            g_cls_local = g_cls[comm.local_slice(cls_local.shape[0])]
+            cot = [(c,) for c in _split_like(g_img_local, enc.values[:-1], 0)] + [(g_cls_local,)]
+        else:
+            g_img, g_txt, g_ls = all_grads[:3]
+            sl = comm.local_slice(task.images.shape[0])
+            cot = list(zip(_split_like(g_img[sl], enc.values, 0), _split_like(g_txt[sl], enc.values, 1)))
+            if g_ls is not None:  # replicated term: add once, after the sum over ranks
+                grads["logit_scale"] = grads["logit_scale"] + g_ls / (n_tasks * comm.world_size)
+        task_grads = enc.vjp(cot, cfg.loss_scale)
+        for k in grads:
+            grads[k] += task_grads[k] / n_tasks
+        if dls_leaf is not None and all_grads[-1] is not None:
+            dls_grad += all_grads[-1] / n_tasks
+        losses[f"downstream_loss/{task.name}"] = float(loss.detach())
+    comm.all_reduce_sum(list(grads.values()))
+    return grads, dls_grad, losses
+
+
+def flyt_step(reference: nn.Module, params: Tensors, opt_state: AdamWState, lr: float, scorer: nn.Module,
+              upstream: dict, tasks: Sequence[DownstreamBatch], dls: torch.Tensor | None = None,
+              cfg: BilevelConfig = BilevelConfig(), comm=LocalComm()) -> StepResult:
+    """One bilevel step. Accumulates dL_down/dphi into the scorer's ``.grad`` (summed over ranks) and
+    dL_down/d(downstream_logit_scale) into ``dls.grad``; returns the reference's next parameters/state."""
+    embed = _embedder(reference, cfg.autocast)
+
+    # 1. scores and weights over the global batch
+    scores = _wide(scorer(upstream))
+    log_w = torch.log_softmax(comm.gather_autograd(scores), dim=0)
+
+    # 2-3. upstream embeddings, dL_w/de (kept differentiable in w for step 7), and g
+    up = _upstream(embed, params, upstream, cfg)
+    n_local = upstream["image"].shape[0]
+    local = comm.local_slice(n_local)
+    img = comm.gather(up.cat(0)).requires_grad_()
+    txt = comm.gather(up.cat(1)).requires_grad_()
+    log_tau = _wide(params["logit_scale"].detach()).requires_grad_()
+    with torch.enable_grad():
+        loss_w = weighted_clip_loss(img, txt, log_tau.exp(), log_w)
+        g_img, g_txt, g_tau = torch.autograd.grad(loss_w, (img, txt, log_tau), create_graph=True)
+    cot = list(zip(_split_like(g_img[local].detach(), up.values, 0), _split_like(g_txt[local].detach(), up.values, 1)))
+    grad = up.vjp(cot, cfg.loss_scale)
+    comm.all_reduce_sum(list(grad.values()))
+    grad["logit_scale"] = grad["logit_scale"] + g_tau.detach().to(grad["logit_scale"].dtype)
+
+    # 4. theta' = AdamW(theta, g), differentiable in g
+    grad_leaves = {k: v.detach().requires_grad_() for k, v in grad.items()}
+    with torch.enable_grad():
+        new_params, new_state = adamw_update(params, grad_leaves, opt_state, lr, cfg.adamw)
+        new_params["logit_scale"] = new_params["logit_scale"].clamp(*cfg.logit_scale_bounds)
+
+    # 5. downstream loss at theta' and its gradient
+    detached = {k: v.detach() for k, v in new_params.items()}
+    down_grad, dls_grad, metrics = _downstream_grad(embed, detached, dls, tasks, cfg, comm)
+
+    # 6. v = dL_down/dg through the AdamW map
+    names = list(grad_leaves)
+    v = torch.autograd.grad([new_params[k] for k in names], [grad_leaves[k] for k in names],
+                            [down_grad[k] for k in names], allow_unused=True)
+    v = {k: (t if t is not None else torch.zeros_like(grad[k])) for k, t in zip(names, v)}
+
+    # 7. u = J_e v (forward mode), then h = <u, dL_w/de>, whose gradient in w is dL_down/dw
+    u = up.jvp(v)
+    u_img, u_txt = torch.cat([x[0] for x in u]), torch.cat([x[1] for x in u])
+    finite = all(torch.isfinite(t).all() for t in (u_img, u_txt, *down_grad.values(), *grad.values()))
+    with torch.enable_grad():
+        h = (u_img * g_img[local]).sum() + (u_txt * g_txt[local]).sum() \
+            + _wide(v["logit_scale"]).sum() * g_tau / comm.world_size
+        # 8. grad_phi through softmax and q_phi
+        trainable = [p for p in scorer.parameters() if p.requires_grad]
+        if finite:
+            phi_grads = torch.autograd.grad(h, trainable, allow_unused=True)
+            phi_grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(phi_grads, trainable)]
+            comm.all_reduce_sum(phi_grads)
+            finite = all(torch.isfinite(g).all() for g in phi_grads)
+    if finite:
+        for p, g in zip(trainable, phi_grads):
+            p.grad = g if p.grad is None else p.grad + g
+        if dls is not None:
+            dls.grad = dls_grad if dls.grad is None else dls.grad + dls_grad
+
+    # 9. the reference moves to theta' only when asked; the optimizer state always advances
+    next_params = detached if cfg.update_reference else params
+    metrics.update({"weighted_loss": float(loss_w), "logit_scale": float(detached["logit_scale"].exp())})
+    if not finite:
+        return StepResult(params, opt_state, False, metrics)
+    return StepResult(next_params, new_state, True, metrics)

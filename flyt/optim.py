@@ -1,0 +1,83 @@
+"""A differentiable AdamW and the learning-rate schedule (DESIGN.md §3 step 4).
+
+The reference model's update theta' = AdamW(theta, g) must be a differentiable function of the gradient g
+so that the downstream loss at theta' can be carried back to g. ``adamw_update`` is that function: pure,
+on dicts of tensors, with the same arithmetic as ``torch.optim.AdamW``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class AdamWConfig:
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    weight_decay: float = 0.2
+
+
+@dataclass
+class AdamWState:
+    """Moments and step count; they advance every FLYT step."""
+
+    step: int = 0
+    exp_avg: Tensors = field(default_factory=dict)
+    exp_avg_sq: Tensors = field(default_factory=dict)
+
+    @classmethod
+    def zeros_like(cls, params: Tensors) -> "AdamWState":
+        return cls(0, {k: torch.zeros_like(v) for k, v in params.items()},
+                   {k: torch.zeros_like(v) for k, v in params.items()})
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "exp_avg": dict(self.exp_avg), "exp_avg_sq": dict(self.exp_avg_sq)}
+
+    @classmethod
+    def from_state_dict(cls, sd: dict) -> "AdamWState":
+        return cls(int(sd["step"]), dict(sd["exp_avg"]), dict(sd["exp_avg_sq"]))
+
+
+def decays(name: str, param: torch.Tensor) -> bool:
+    """Weight decay only on >=2-D weights: never on biases, norms, gains or logit scales."""
+    return param.ndim >= 2 and "logit_scale" not in name
+
+
+def adamw_update(params: Tensors, grads: Tensors, state: AdamWState, lr: float,
+                 cfg: AdamWConfig = AdamWConfig()) -> tuple[Tensors, AdamWState]:
+    """One AdamW step, differentiable with respect to ``grads`` (and ``params``).
+
+    Bias-corrected moments, decoupled weight decay on the parameters ``decays`` selects. The update is
+    applied only where the new second moment is non-zero, so that d(theta')/dg is defined everywhere
+    (the square root has an infinite slope at 0; there the update and its derivative are zero).
+    """
+    step = state.step + 1
+    bc1 = 1 - cfg.beta1 ** step
+    bc2 = 1 - cfg.beta2 ** step
+    new_params, new_m, new_v = {}, {}, {}
+    for name, p in params.items():
+        g = grads[name]
+        m = cfg.beta1 * state.exp_avg[name] + (1 - cfg.beta1) * g
+        v = cfg.beta2 * state.exp_avg_sq[name] + (1 - cfg.beta2) * g * g
+        nonzero = v > 0
+        denom = torch.sqrt(torch.where(nonzero, v, torch.ones_like(v)) / bc2) + cfg.eps
+        update = torch.where(nonzero, (m / bc1) / denom, torch.zeros_like(m))
+        decay = 1 - lr * cfg.weight_decay if decays(name, p) else 1.0
+        new_params[name] = p * decay - lr * update
+        new_m[name], new_v[name] = m, v
+    return new_params, AdamWState(step, new_m, new_v)
+
+
+def cosine_lr(base_lr: float, warmup: int, total_steps: int, step: int) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine decay to zero at ``total_steps``."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    span = max(1, total_steps - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    return 0.5 * (1 + math.cos(math.pi * progress)) * base_lr
