@@ -44,6 +44,7 @@ class BilevelConfig:
     logit_scale_bounds: tuple[float, float] = LOGIT_SCALE_BOUNDS
     autocast: Callable[[], ContextManager] = contextlib.nullcontext
     loss_scale: float = 1.0  # fp16: cotangents are multiplied by this and gradients divided by it
+    log_pre_update: bool = False  # also report the downstream losses at theta (costs a forward)
 
 
 @dataclass
@@ -56,6 +57,7 @@ class DownstreamBatch:
     labels: torch.Tensor | None = None
     prompts: torch.Tensor | None = None
     texts: torch.Tensor | None = None
+    weight: float = 1.0  # share in the weighted mean over tasks
 
 
 @dataclass
@@ -159,10 +161,11 @@ def _upstream(embed, params: Tensors, batch: dict, cfg: BilevelConfig) -> _Encod
 
 
 def _downstream_grad(embed, params: Tensors, dls: torch.Tensor | None, tasks: Sequence[DownstreamBatch],
-                     cfg: BilevelConfig, comm) -> tuple[Tensors, torch.Tensor | None, dict[str, float]]:
-    """Mean downstream loss over tasks at ``params`` and its gradient w.r.t. params (summed over ranks)
-    and w.r.t. the downstream logit scale."""
+                     cfg: BilevelConfig, comm, want_grad: bool = True) -> tuple[Tensors, torch.Tensor | None, dict[str, float]]:
+    """Weighted mean downstream loss over tasks at ``params`` and (unless ``want_grad`` is False) its
+    gradient w.r.t. params (summed over ranks) and w.r.t. the downstream logit scale."""
     grads = {k: torch.zeros_like(v) for k, v in params.items()}
+    total_weight = sum(t.weight for t in tasks)
     dls_leaf = dls.detach().requires_grad_() if dls is not None else None
     dls_grad = torch.zeros_like(dls) if dls is not None else None
     losses = {}
@@ -173,7 +176,7 @@ def _downstream_grad(embed, params: Tensors, dls: torch.Tensor | None, tasks: Se
         else:
             pieces = [lambda p, x=x, t=t: embed(p, image=x, text=t)
                       for x, t in zip(_chunks(task.images, cfg.accum_freq), _chunks(task.texts, cfg.accum_freq))]
-        enc = _Encoded(pieces, params, keep_graph=cfg.accum_freq == 1)
+        enc = _Encoded(pieces, params, keep_graph=want_grad and cfg.accum_freq == 1)
         with torch.enable_grad():
             if cfg.downstream_loss == "zeroshot":
                 img_local = torch.cat([v[0] for v in enc.values[:-1]])
@@ -191,8 +194,11 @@ def _downstream_grad(embed, params: Tensors, dls: torch.Tensor | None, tasks: Se
                 loss = clip_loss(img, txt, scale)
                 leaves = [img, txt, ls]
             extra = [dls_leaf] if dls_leaf is not None else []
-            all_grads = torch.autograd.grad(loss, leaves + extra, allow_unused=True)
-        n_tasks = len(tasks)
+        losses[f"downstream_loss/{task.name}"] = float(loss.detach())
+        if not want_grad:
+            continue
+        all_grads = torch.autograd.grad(loss, leaves + extra, allow_unused=True)
+        share = task.weight / total_weight
         if cfg.downstream_loss == "zeroshot":
             g_img, g_cls = all_grads[0], all_grads[1]
             n_img = img_local.shape[0]
@@ -203,15 +209,15 @@ def _downstream_grad(embed, params: Tensors, dls: torch.Tensor | None, tasks: Se
             g_img, g_txt, g_ls = all_grads[:3]
             sl = comm.local_slice(task.images.shape[0])
             cot = list(zip(_split_like(g_img[sl], enc.values, 0), _split_like(g_txt[sl], enc.values, 1)))
-            if g_ls is not None:  # replicated term: add once, after the sum over ranks
-                grads["logit_scale"] = grads["logit_scale"] + g_ls / (n_tasks * comm.world_size)
+            if g_ls is not None:  # replicated on every rank: each adds its 1/W share before the sum
+                grads["logit_scale"] = grads["logit_scale"] + g_ls * share / comm.world_size
         task_grads = enc.vjp(cot, cfg.loss_scale)
         for k in grads:
-            grads[k] += task_grads[k] / n_tasks
+            grads[k] += task_grads[k] * share
         if dls_leaf is not None and all_grads[-1] is not None:
-            dls_grad += all_grads[-1] / n_tasks
-        losses[f"downstream_loss/{task.name}"] = float(loss.detach())
-    comm.all_reduce_sum(list(grads.values()))
+            dls_grad += all_grads[-1] * share
+    if want_grad:
+        comm.all_reduce_sum(list(grads.values()))
     return grads, dls_grad, losses
 
 
@@ -223,7 +229,8 @@ def flyt_step(reference: nn.Module, params: Tensors, opt_state: AdamWState, lr: 
     embed = _embedder(reference, cfg.autocast)
 
     # 1. scores and weights over the global batch
-    scores = _wide(scorer(upstream))
+    with cfg.autocast():
+        scores = _wide(scorer(upstream))
     log_w = torch.log_softmax(comm.gather_autograd(scores), dim=0)
 
     # 2-3. upstream embeddings, dL_w/de (kept differentiable in w for step 7), and g
@@ -250,6 +257,9 @@ def flyt_step(reference: nn.Module, params: Tensors, opt_state: AdamWState, lr: 
     # 5. downstream loss at theta' and its gradient
     detached = {k: v.detach() for k, v in new_params.items()}
     down_grad, dls_grad, metrics = _downstream_grad(embed, detached, dls, tasks, cfg, comm)
+    if cfg.log_pre_update:
+        before = _downstream_grad(embed, params, dls, tasks, cfg, comm, want_grad=False)[2]
+        metrics.update({k.replace("downstream_loss", "pre_update_loss"): v for k, v in before.items()})
 
     # 6. v = dL_down/dg through the AdamW map
     names = list(grad_leaves)
@@ -279,7 +289,7 @@ def flyt_step(reference: nn.Module, params: Tensors, opt_state: AdamWState, lr: 
 
     # 9. the reference moves to theta' only when asked; the optimizer state always advances
     next_params = detached if cfg.update_reference else params
-    metrics.update({"weighted_loss": float(loss_w), "logit_scale": float(detached["logit_scale"].exp())})
+    metrics.update({"weighted_loss": float(loss_w.detach()), "logit_scale": float(detached["logit_scale"].exp())})
     if not finite:
         return StepResult(params, opt_state, False, metrics)
     return StepResult(next_params, new_state, True, metrics)

@@ -1,0 +1,88 @@
+"""Checkpoint files: the one place that knows their layout.
+
+``OUTPUT_DIR/EXP_NAME/checkpoints/`` holds ``scoring_epoch_<n>.pt`` / ``scoring_epoch_latest.pt`` (keys
+``epoch``, ``name``, ``state_dict``, ``optimizer`` as in the original, plus ``flyt``: what rebuilding and
+resuming need) and ``epoch_<n>.pt`` / ``epoch_latest.pt`` for the reference model (OpenCLIP's layout, so
+``open_clip.create_model(name, pretrained=path)`` loads it). Files are written atomically and read with
+``weights_only=True``: nothing in them is code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from flyt.atomic import atomic_path
+from flyt.errors import FlytError
+from flyt.models import ScorerSpec, build_scorer
+
+SCORING = "scoring_epoch_{}.pt"
+REFERENCE = "epoch_{}.pt"
+
+
+def save(ckpt_dir: Path, epoch: int, scoring: dict, reference: dict, numbered: bool) -> None:
+    """Write the latest pair (and the numbered pair) atomically; scoring last, since resume reads it first."""
+    names = ["latest"] + ([str(epoch)] if numbered else [])
+    for pattern, payload in ((REFERENCE, reference), (SCORING, scoring)):
+        for name in names:
+            with atomic_path(ckpt_dir / pattern.format(name)) as tmp:
+                torch.save(payload, tmp)
+
+
+def load(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FlytError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise FlytError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+
+
+def resume_paths(ckpt_dir: Path, resume: str) -> tuple[Path, Path] | None:
+    """(scoring, reference) files to resume from; None when ``latest`` finds nothing yet."""
+    if resume == "latest":
+        scoring = ckpt_dir / SCORING.format("latest")
+        if not scoring.exists():
+            return None
+    else:
+        scoring = Path(resume)
+    epoch = load(scoring)["epoch"]
+    reference = scoring.parent / REFERENCE.format(epoch if resume != "latest" else "latest")
+    if not reference.exists():
+        raise FlytError(f"{scoring} has no reference checkpoint beside it ({reference.name})")
+    return scoring, reference
+
+
+def infer_spec(state_dict: dict, model: str | None, fields: list[str] | None) -> ScorerSpec:
+    """The spec of a checkpoint without flyt metadata (the original's released files)."""
+    if "layers.0.weight" in state_dict:
+        n = state_dict["layers.0.weight"].shape[1]
+        fields = list(fields or [])
+        if len(fields) != n:
+            raise FlytError(f"this M-FLYT checkpoint mixes {n} scores: name them with --parquet_fields (got {len(fields)})")
+        return ScorerSpec("mflyt", parquet_fields=fields)
+    layers = sorted({int(k.split(".")[2]) for k in state_dict if k.startswith("glu_model.layers.")})
+    if not layers:
+        raise FlytError("checkpoint holds neither an M-FLYT mixer (layers.0.*) nor a FLYT head (glu_model.*)")
+    if not model:
+        raise FlytError("this FLYT checkpoint does not name its CLIP architecture: pass --model")
+    w1 = state_dict["glu_model.layers.0.w1.weight"]
+    return ScorerSpec("flyt", model, len(layers), w1.shape[0] / w1.shape[1])
+
+
+def load_scorer(path: str | Path, model: str | None = None, fields: list[str] | None = None,
+                device: str | torch.device = "cpu", precision: str = "fp32"):
+    """Rebuild a scoring model from its checkpoint alone (or, for original files, with model/fields)."""
+    ckpt = load(path)
+    state_dict = ckpt.get("state_dict", ckpt)
+    state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    meta = ckpt.get("flyt")
+    spec = ScorerSpec.from_dict(meta["scorer"]) if meta else infer_spec(state_dict, model, fields)
+    scorer = build_scorer(spec, device=device, precision=precision)
+    try:
+        scorer.load_state_dict(state_dict)
+    except RuntimeError as exc:
+        raise FlytError(f"{path} does not fit a {spec.mode} scorer of model {spec.model}: {str(exc).splitlines()[0]}") from None
+    return scorer.eval(), spec

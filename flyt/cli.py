@@ -1,0 +1,60 @@
+"""The ``flyt`` command: a table of subcommands, each a module imported only when it runs.
+
+Every subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int``. Keeping torch and
+open_clip out of this file keeps ``flyt --help`` and the parquet-only commands fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("flyt.train_flyt", "train a FLYT scoring model or an M-FLYT mixing model"),
+    "sample": ("flyt.sample", "turn per-uid scores into a DataComp subset (SCS, HCS, top-k, threshold)"),
+}
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flyt", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    chosen = None
+    argv = sys.argv[1:] if argv is None else argv
+    for token in argv:
+        if not token.startswith("-"):
+            chosen = token
+            break
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:  # only the command being run pays for its imports
+            importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from flyt.errors import FlytError
+
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    module = importlib.import_module(SUBCOMMANDS[args.command][0])
+    try:
+        return int(module.run(args) or 0)
+    except FlytError as exc:
+        print(f"\nflyt {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+
+
+def _one_line(exc: Exception) -> str:
+    """The message alone, also when a data-loader worker wrapped it in its traceback."""
+    message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+    return message.removeprefix("flyt.errors.FlytError: ")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Typed configuration of ``flyt train``; the command-line flags are generated from these fields.
+
+Flag names are the original FLYT ones (DESIGN.md §7), so ``python -m flyt.train_flyt`` takes the
+original command lines unchanged; a few flags of ours are marked (flyt) in their help.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, get_args, get_origin, get_type_hints
+
+from flyt.errors import FlytError
+
+PRECISIONS = ("fp32", "amp", "amp_bf16", "bf16")
+
+
+def _f(default: Any, help: str, **kw) -> Any:
+    meta = {"help": help, **kw}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    # data
+    upstream_data_dir: str = _f(None, "pool: a folder of shards (recursive), one .tar, or several joined by '::'", required=True)
+    data_weights: str | None = _f(None, "weights of the '::' pool sources, e.g. 1::2 (per shard)")
+    downstream_data_dir: str | None = _f(None, "root of the downstream tasks' training shards")
+    datacomp_eval_dir: str | None = _f(None, "root of DataComp eval folders (class names and templates)")
+    downstream_task_names: str = _f(None, "tasks joined by '::': original names or task folders", required=True)
+    downstream_data_weights: str | None = _f(None, "task weights joined by '::' (loss average; mixture for --downstream_clip_loss)")
+    downstream_clip_loss: bool = _f(False, "downstream loss = CLIP loss on task image-caption pairs")
+    dataset_weighted: bool = _f(False, "with --downstream_clip_loss: every task equally likely, whatever its size")
+    parquet_dir: str | None = _f(None, "M-FLYT: folder of <shard>_scores.parquet input scores")
+    parquet_fields: list = _f([], "M-FLYT: score columns to mix", nargs="+")
+    workers: int = _f(2, "data loader processes")
+    shuffle_buffer: int = _f(1000, "(flyt) samples in each stream's shuffle buffer")
+    # run
+    output_dir: str = _f("./runs", "where EXP_NAME/ goes")
+    exp_name: str | None = _f(None, "run name (default: from the mode, model and seed)")
+    seed: int = _f(0, "seed of initialisation, data order and templates")
+    num_checkpoints: int = _f(1, "epochs (n_iterations / num_checkpoints steps each), a checkpoint after each")
+    save_frequency: int = _f(1, "keep a numbered checkpoint every this many epochs (latest is always written)")
+    resume: str | None = _f(None, "'latest' or a scoring checkpoint path of this run")
+    log_every_n_steps: int = _f(10, "console/metrics line every this many steps")
+    log_pre_update: bool = _f(False, "also log the downstream losses before the reference update")
+    report_to_wandb: bool = _f(False, "log to Weights & Biases (honours WANDB_MODE=offline)")
+    wandb_project_name: str = _f("flyt", "wandb project")
+    device: str | None = _f(None, "(flyt) cpu, cuda, cuda:1 ... (default: cuda if available)")
+    precision: str = _f("fp32", "fp32 | amp (fp16 autocast + loss scaling) | amp_bf16 | bf16", choices=PRECISIONS)
+    scaler_scale: float = _f(2.0 ** 16, "initial loss scale for --precision amp")
+    # models
+    model: str = _f("ViT-B-32", "OpenCLIP architecture of the reference and scoring models")
+    reference_pretrained: str | None = _f(None, "OpenCLIP tag or local file for the reference model")
+    scoring_pretrained: str | None = _f(None, "OpenCLIP tag or local file for the scoring model's CLIP base")
+    full_scoring_pretrained: str | None = _f(None, "a scoring checkpoint to start the whole scoring model from")
+    update_reference_model: bool = _f(False, "move the reference to theta' after every step")
+    downstream_logit_scale: float | None = _f(None, "initial log downstream temperature, learned (e.g. 2.65926)")
+    train_full_scoring: bool = _f(False, "train the scoring model's CLIP base too, not only its head")
+    n_scoring_layers: int = _f(1, "GLU layers in the scoring head")
+    hidden_dim_mod: float = _f(1.0, "GLU hidden size = int(2 * embed_dim * this)")
+    cos_sim_init: bool = _f(False, "start the 1-layer head at ~ image-text cosine similarity")
+    mixer_init: str = _f("zeros", "(flyt) M-FLYT mixer start: zeros (all equal) or random (the original)",
+                         choices=("zeros", "random"))
+    # optimisation
+    reference_learning_rate: float = _f(5e-5, "peak learning rate of the reference model")
+    scoring_learning_rate: float = _f(1e-3, "peak learning rate of the scoring model")
+    warmup: int = _f(100, "linear warmup steps of both cosine schedules")
+    upstream_batch_size: int = _f(1024, "global upstream batch")
+    downstream_batch_size: int = _f(512, "global downstream batch (per task for zero-shot)")
+    n_iterations: int | None = _f(None, "training steps")
+    reference_num_samples: int | None = _f(None, "instead of --n_iterations: upstream samples to train on")
+    accum_freq: int = _f(1, "process each batch in this many chunks (memory; same mathematics)")
+
+    def __post_init__(self):
+        if (self.n_iterations is None) == (self.reference_num_samples is None):
+            raise FlytError("give exactly one of --n_iterations and --reference_num_samples")
+        if self.n_iterations is None:
+            self.n_iterations = math.ceil(self.reference_num_samples / self.upstream_batch_size)
+        positive = ("n_iterations", "num_checkpoints", "save_frequency", "upstream_batch_size",
+                    "downstream_batch_size", "accum_freq", "log_every_n_steps", "n_scoring_layers")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise FlytError(f"--{name} must be >= 1 (got {getattr(self, name)})")
+        if self.workers < 0 or self.warmup < 0:
+            raise FlytError("--workers and --warmup must be >= 0")
+        if self.num_checkpoints > self.n_iterations:
+            raise FlytError(f"--num_checkpoints {self.num_checkpoints} exceeds the {self.n_iterations} steps")
+        if bool(self.parquet_dir) != bool(self.parquet_fields):
+            raise FlytError("M-FLYT needs both --parquet_dir and --parquet_fields")
+        if self.precision not in PRECISIONS:
+            raise FlytError(f"--precision must be one of {', '.join(PRECISIONS)}")
+
+    @property
+    def mode(self) -> str:
+        return "mflyt" if self.parquet_dir else "flyt"
+
+    @property
+    def run_name(self) -> str:
+        return self.exp_name or f"{self.mode}-{self.model}-seed{self.seed}"
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One ``--name`` flag per field: booleans are switches, lists take several values."""
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        meta = dict(f.metadata)
+        help_text = meta.pop("help", "")
+        kind = hints[f.name]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if kind is bool:
+            parser.add_argument(f"--{f.name}", action="store_true", help=help_text)
+            continue
+        base = next((a for a in get_args(kind) if a is not type(None)), kind) if get_origin(kind) else kind
+        if base is list:
+            base = str
+        parser.add_argument(f"--{f.name}", type=base, default=default, help=help_text, **meta)
+
+
+def config_from_args(cls: type, args: argparse.Namespace):
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})

@@ -1,0 +1,76 @@
+"""Decoding raw WebDataset samples; a sample that cannot be used is skipped and counted, never fatal."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections import Counter
+
+from PIL import Image
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+UID_RE = re.compile(r"^[0-9a-f]{32}$")
+
+
+def _image(raw: dict):
+    data = next((raw[k] for k in IMAGE_KEYS if k in raw), None)
+    if data is None:
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.convert("RGB")
+    except Exception:  # any decoder failure means "undecodable", which pools are full of
+        return None
+
+
+def _text(raw: dict, key: str = "txt") -> str | None:
+    data = raw.get(key)
+    if data is None:
+        return None
+    try:
+        return data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return None
+
+
+def decode_pair(raw: dict, skipped: Counter, need_image: bool = True) -> dict | None:
+    """An upstream pool sample -> {image, text, uid, key}, or None with the reason counted in ``skipped``."""
+    image = _image(raw) if need_image else None
+    if need_image and image is None:
+        skipped["bad_image"] += 1
+        return None
+    text = _text(raw)
+    if text is None:
+        skipped["missing_caption"] += 1
+        return None
+    try:
+        uid = str(json.loads(raw["json"])["uid"]).lower()
+    except Exception:
+        uid = ""
+    if not UID_RE.match(uid):
+        skipped["missing_uid"] += 1
+        return None
+    return {"image": image, "text": text, "uid": uid, "key": raw["__key__"]}
+
+
+def decode_labelled(raw: dict, skipped: Counter, need_text: bool = False) -> dict | None:
+    """A downstream task sample -> {image, label[, text]}; the label is ``cls`` or ``label``."""
+    image = _image(raw)
+    if image is None:
+        skipped["bad_image"] += 1
+        return None
+    label = _text(raw, "cls") or _text(raw, "label")
+    try:
+        label = int(label)
+    except (TypeError, ValueError):
+        skipped["missing_label"] += 1
+        return None
+    sample = {"image": image, "label": label}
+    if need_text:
+        text = _text(raw)
+        if text is None:
+            skipped["missing_caption"] += 1
+            return None
+        sample["text"] = text
+    return sample

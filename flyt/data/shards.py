@@ -1,0 +1,55 @@
+"""Finding WebDataset shards: a folder (recursive), one .tar, resharder output, or ``a::b`` sources."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from flyt.errors import FlytError
+
+
+@dataclass(frozen=True)
+class Source:
+    shards: tuple[str, ...]
+    weight: float = 1.0
+
+
+def list_shards(path: str | Path, flag: str) -> list[str]:
+    """Every .tar of one source, sorted. A DataComp resharder folder's meta.json is checked."""
+    path = Path(path)
+    if path.is_file():
+        if path.suffix != ".tar":
+            raise FlytError(f"{flag}: {path} is not a .tar shard")
+        return [str(path)]
+    if not path.is_dir():
+        raise FlytError(f"{flag}: {path} does not exist")
+    shards = sorted(str(p) for p in path.rglob("*.tar"))
+    meta = path / "meta.json"
+    if meta.exists():
+        try:
+            count = int(json.loads(meta.read_text())["output_shard_count"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise FlytError(f"{meta}: expected JSON with an integer 'output_shard_count' ({exc})") from None
+        if count != len(shards):
+            raise FlytError(f"{meta} says {count} shards but {path} holds {len(shards)} .tar files")
+    if not shards:
+        raise FlytError(f"{flag}: no .tar shards under {path}")
+    return shards
+
+
+def parse_sources(spec: str, weights: str | None = None, flag: str = "--upstream_data_dir") -> list[Source]:
+    """``a::b`` with optional weights ``1::2``: each shard of a source is drawn with its source's weight."""
+    paths = [p for p in spec.split("::") if p]
+    if not paths:
+        raise FlytError(f"{flag} is empty")
+    if weights is None:
+        values = [1.0] * len(paths)
+    else:
+        try:
+            values = [float(w) for w in weights.split("::")]
+        except ValueError:
+            raise FlytError(f"--data_weights {weights!r}: expected numbers joined by '::', e.g. 1::2") from None
+        if len(values) != len(paths) or any(v <= 0 for v in values):
+            raise FlytError(f"--data_weights {weights!r}: need {len(paths)} positive weight(s) for {flag}")
+    return [Source(tuple(list_shards(p, flag)), w) for p, w in zip(paths, values)]

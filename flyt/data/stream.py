@@ -1,0 +1,139 @@
+"""The training stream: each item is one whole FLYT step's data for this rank.
+
+Shards are drawn with replacement (resampled) from a random generator seeded by (seed, epoch, rank,
+worker), samples pass through a shuffle buffer, and a worker assembles complete steps (upstream batch,
+each task's batch with one random template per class). Everything is a function of those four numbers,
+so a run is reproducible and a resumed run continues with exactly the data of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from flyt.data.samples import decode_labelled, decode_pair
+from flyt.data.scores import ScoreLookup
+from flyt.data.shards import Source, list_shards
+from flyt.data.tasks import Task
+from flyt.errors import FlytError
+
+
+@dataclass
+class StreamConfig:
+    sources: list[Source]
+    tasks: list[Task]
+    upstream_batch: int  # per rank and step
+    downstream_batch: int  # per rank, per task (zero-shot) or in all (CLIP loss)
+    seed: int = 0
+    downstream_clip: bool = False
+    dataset_weighted: bool = False
+    task_weights: list[float] | None = None
+    shuffle_buffer: int = 1000
+    scores: ScoreLookup | None = None
+    rank: int = 0
+    world_size: int = 1
+    task_shards: list[list[str]] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.task_shards:
+            self.task_shards = [list_shards(t.train_dir, f"training shards of task {t.name!r}") for t in self.tasks]
+
+
+def class_slice(n_classes: int, rank: int, world_size: int) -> tuple[int, int]:
+    """This rank's contiguous share of the class names (the first ranks take one more when uneven)."""
+    base, extra = divmod(n_classes, world_size)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (rank < extra)
+
+
+def _resampled(shards: list[str], weights: list[float], rng: random.Random) -> Iterator[dict]:
+    while True:
+        yield {"url": rng.choices(shards, weights)[0]}
+
+
+def _raw_samples(shards: list[str], weights: list[float], rng: random.Random, buffer: int) -> Iterator[dict]:
+    samples = wds.tarfile_samples(_resampled(shards, weights, rng), handler=_reraise_with_shard)
+    return wds.shuffle(buffer, min(buffer, 100), rng=rng)(samples)
+
+
+def _reraise_with_shard(exc: Exception) -> bool:
+    where = next((a for a in exc.args[1:] if isinstance(a, str)), "a shard")
+    raise FlytError(f"cannot read {where}: {exc.args[0] if exc.args else exc}") from None
+
+
+class TrainStream(torch.utils.data.IterableDataset):
+    def __init__(self, cfg: StreamConfig, epoch: int, preprocess: Callable, tokenizer: Callable):
+        self.cfg, self.epoch, self.preprocess, self.tokenizer = cfg, epoch, preprocess, tokenizer
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else 0
+        cfg = self.cfg
+        seed = hash((cfg.seed, self.epoch, cfg.rank, worker)) & 0x7FFFFFFF
+        rng = random.Random(seed)
+        torch.manual_seed(seed)  # random crops of the train transform
+        skipped = Counter()
+        shards = [s for src in cfg.sources for s in src.shards]
+        weights = [src.weight for src in cfg.sources for _ in src.shards]
+        upstream = self._decoded(_raw_samples(shards, weights, rng, cfg.shuffle_buffer),
+                                 lambda raw: decode_pair(raw, skipped))
+        if cfg.downstream_clip:
+            down = [self._decoded(self._mixed_task_samples(rng), lambda raw: decode_labelled(raw, skipped, True))]
+        else:
+            down = [self._decoded(_raw_samples(s, [1.0] * len(s), rng, cfg.shuffle_buffer),
+                                  lambda raw: decode_labelled(raw, skipped)) for s in cfg.task_shards]
+        while True:
+            step = {"upstream": self._upstream_batch(upstream), "worker": worker}
+            if cfg.downstream_clip:
+                batch = [next(down[0]) for _ in range(cfg.downstream_batch)]
+                step["downstream"] = [{"name": "clip", "images": torch.stack([s["image"] for s in batch]),
+                                       "texts": self.tokenizer([s["text"] for s in batch])}]
+            else:
+                step["downstream"] = [self._task_batch(task, stream, rng) for task, stream in zip(cfg.tasks, down)]
+            step["skipped"] = dict(skipped)
+            yield step
+
+    def _decoded(self, raw: Iterator[dict], decode: Callable) -> Iterator[dict]:
+        for sample in raw:
+            out = decode(sample)
+            if out is not None:
+                out["image"] = self.preprocess(out["image"])
+                yield out
+
+    def _mixed_task_samples(self, rng: random.Random) -> Iterator[dict]:
+        """All tasks in one stream: shards equally likely, or tasks equally likely (``dataset_weighted``),
+        scaled by the task weights."""
+        cfg = self.cfg
+        task_w = cfg.task_weights or [1.0] * len(cfg.tasks)
+        shards, weights = [], []
+        for shard_list, w in zip(cfg.task_shards, task_w):
+            shards += shard_list
+            weights += [w / len(shard_list) if cfg.dataset_weighted else w] * len(shard_list)
+        return _raw_samples(shards, weights, rng, cfg.shuffle_buffer)
+
+    def _upstream_batch(self, stream: Iterator[dict]) -> dict:
+        samples = [next(stream) for _ in range(self.cfg.upstream_batch)]
+        batch = {"image": torch.stack([s["image"] for s in samples]),
+                 "text": self.tokenizer([s["text"] for s in samples]),
+                 "uid": [s["uid"] for s in samples], "key": [s["key"] for s in samples]}
+        if self.cfg.scores is not None:
+            batch["scores"] = torch.from_numpy(np.stack([self.cfg.scores(s["key"], s["uid"]) for s in samples]))
+        return batch
+
+    def _task_batch(self, task: Task, stream: Iterator[dict], rng: random.Random) -> dict:
+        cfg = self.cfg
+        samples = [next(stream) for _ in range(cfg.downstream_batch)]
+        labels = [s["label"] for s in samples]
+        if max(labels) >= len(task.classnames) or min(labels) < 0:
+            raise FlytError(f"task {task.name!r}: label {max(labels)} outside its {len(task.classnames)} class names")
+        template_ids = [rng.randrange(len(task.templates)) for _ in task.classnames]
+        lo, hi = class_slice(len(task.classnames), cfg.rank, cfg.world_size)
+        prompts = task.prompts(template_ids)[lo:hi]
+        return {"name": task.name, "images": torch.stack([s["image"] for s in samples]),
+                "labels": torch.tensor(labels), "prompts": self.tokenizer(prompts) if prompts else None}

@@ -1,0 +1,293 @@
+"""The FLYT training loop: models, schedules, precision, checkpoints, resume and logging around
+``bilevel.flyt_step``. Everything here is I/O and bookkeeping; the mathematics lives in ``bilevel``."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from flyt import checkpoint
+from flyt.bilevel import BilevelConfig, DownstreamBatch, flyt_step
+from flyt.comm import LocalComm
+from flyt.config import TrainConfig
+from flyt.data.scores import ScoreLookup
+from flyt.data.shards import parse_sources
+from flyt.data.stream import StreamConfig, TrainStream
+from flyt.data.tasks import parse_task_names
+from flyt.errors import FlytError
+from flyt.models import ScorerSpec, build_scorer, create_clip
+from flyt.optim import AdamWConfig, AdamWState, cosine_lr, decays
+
+
+@dataclass
+class LossScale:
+    """Dynamic loss scale for fp16: halve and skip the step on inf/nan, double after a run of good steps."""
+
+    scale: float = 1.0
+    dynamic: bool = False
+    good_steps: int = 0
+    growth_interval: int = 2000
+
+    def update(self, finite: bool) -> None:
+        if not self.dynamic:
+            return
+        if not finite:
+            self.scale, self.good_steps = self.scale / 2, 0
+        else:
+            self.good_steps += 1
+            if self.good_steps % self.growth_interval == 0:
+                self.scale *= 2
+
+
+def _device(cfg: TrainConfig) -> torch.device:
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if cfg.precision == "amp" and device.type != "cuda":
+        raise FlytError("--precision amp (fp16) needs a CUDA device; use fp32 or amp_bf16 on CPU")
+    return device
+
+
+def _autocast(precision: str, device: torch.device):
+    if precision in ("amp", "amp_bf16"):
+        dtype = torch.float16 if precision == "amp" else torch.bfloat16
+        return functools.partial(torch.autocast, device_type=device.type, dtype=dtype)
+    return contextlib.nullcontext
+
+
+def _steps_in_epoch(cfg: TrainConfig, epoch: int) -> int:
+    edge = lambda e: round(cfg.n_iterations * e / cfg.num_checkpoints)
+    return edge(epoch + 1) - edge(epoch)
+
+
+def _per_rank(total: int, comm, accum: int, flag: str) -> int:
+    per = total // comm.world_size
+    if per * comm.world_size != total or per < accum:
+        raise FlytError(f"{flag} {total} must divide by the {comm.world_size} process(es) and leave >= --accum_freq samples each")
+    return per
+
+
+def _weights(spec: str | None, n: int) -> list[float] | None:
+    if spec is None:
+        return None
+    try:
+        values = [float(w) for w in spec.split("::")]
+    except ValueError:
+        values = []
+    if len(values) != n or any(v <= 0 for v in values):
+        raise FlytError(f"--downstream_data_weights {spec!r}: expected {n} positive numbers joined by '::'")
+    return values
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, comm=None):
+        self.cfg, self.comm = cfg, comm or LocalComm()
+        self.device = _device(cfg)
+        self.run_dir = Path(cfg.output_dir) / cfg.run_name
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.tasks = parse_task_names(cfg.downstream_task_names, cfg.downstream_data_dir, cfg.datacomp_eval_dir)
+        self.task_weights = _weights(cfg.downstream_data_weights, len(self.tasks))
+        sources = parse_sources(cfg.upstream_data_dir, cfg.data_weights)
+        scores = ScoreLookup(cfg.parquet_dir, cfg.parquet_fields) if cfg.mode == "mflyt" else None
+        self.stream_cfg = StreamConfig(
+            sources, self.tasks, _per_rank(cfg.upstream_batch_size, self.comm, cfg.accum_freq, "--upstream_batch_size"),
+            _per_rank(cfg.downstream_batch_size, self.comm, cfg.accum_freq, "--downstream_batch_size"),
+            cfg.seed, cfg.downstream_clip_loss, cfg.dataset_weighted, self.task_weights, cfg.shuffle_buffer, scores,
+            self.comm.rank, self.comm.world_size)
+
+        torch.manual_seed(cfg.seed)
+        self.reference, self.preprocess, _, self.tokenizer = create_clip(
+            cfg.model, cfg.reference_pretrained, self.device, cfg.precision)
+        self.reference.train()
+        self.spec = ScorerSpec(cfg.mode, cfg.model if cfg.mode == "flyt" else None, cfg.n_scoring_layers,
+                               cfg.hidden_dim_mod, list(cfg.parquet_fields))
+        self.scorer = build_scorer(self.spec, cfg.scoring_pretrained, self.device, cfg.precision,
+                                   cfg.train_full_scoring, cfg.mixer_init)
+        if cfg.cos_sim_init:
+            if cfg.mode != "flyt":
+                raise FlytError("--cos_sim_init applies to a FLYT scoring model, not to M-FLYT")
+            self.scorer.glu_model.init_cosine_similarity(torch.Generator().manual_seed(cfg.seed))
+        if cfg.full_scoring_pretrained:
+            sd = checkpoint.load(cfg.full_scoring_pretrained)
+            self.scorer.load_state_dict({k.removeprefix("module."): v for k, v in sd.get("state_dict", sd).items()})
+        self.params = {k: v.detach() for k, v in self.reference.named_parameters()}
+        self.opt_state = AdamWState.zeros_like(self.params)
+        self.dls = None
+        if cfg.downstream_logit_scale is not None:
+            self.dls = torch.nn.Parameter(torch.tensor(cfg.downstream_logit_scale, device=self.device))
+        named = [(n, p) for n, p in self.scorer.named_parameters() if p.requires_grad]
+        groups = [{"params": [p for n, p in named if decays(n, p)], "weight_decay": 0.2},
+                  {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0}]
+        if self.dls is not None:
+            groups.append({"params": [self.dls], "weight_decay": 0.0})
+        self.scoring_opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.scoring_learning_rate,
+                                             betas=(0.9, 0.98), eps=1e-6)
+        self.loss_scale = LossScale(cfg.scaler_scale, dynamic=True) if cfg.precision == "amp" else LossScale()
+        self.step, self.epoch = 0, 0
+        self.skipped_steps = 0
+        self.bilevel = BilevelConfig(AdamWConfig(), "clip" if cfg.downstream_clip_loss else "zeroshot",
+                                     cfg.update_reference_model, cfg.accum_freq,
+                                     autocast=_autocast(cfg.precision, self.device))
+
+    # ---- checkpoints -------------------------------------------------------------------------------
+    def _payloads(self) -> tuple[dict, dict]:
+        dls = self.dls.detach().cpu() if self.dls is not None else None
+        meta = {"scorer": self.spec.to_dict(), "step": self.step, "config": dataclasses.asdict(self.cfg),
+                "loss_scale": dataclasses.asdict(self.loss_scale), "skipped_steps": self.skipped_steps,
+                "rng": torch.get_rng_state()}
+        scoring = {"epoch": self.epoch, "name": self.cfg.run_name, "state_dict": self.scorer.state_dict(),
+                   "optimizer": self.scoring_opt.state_dict(), "downstream_logit_scale": dls, "flyt": meta}
+        reference = {"epoch": self.epoch, "name": self.cfg.run_name, "state_dict": self.reference.state_dict(),
+                     "optimizer": self.opt_state.state_dict(), "downstream_logit_scale": dls}
+        return scoring, reference
+
+    def save(self) -> None:
+        if self.comm.rank == 0:
+            numbered = self.epoch % self.cfg.save_frequency == 0 or self.epoch == self.cfg.num_checkpoints
+            checkpoint.save(self.ckpt_dir, self.epoch, *self._payloads(), numbered)
+
+    def maybe_resume(self) -> bool:
+        if not self.cfg.resume:
+            return False
+        paths = checkpoint.resume_paths(self.ckpt_dir, self.cfg.resume)
+        if paths is None:
+            return False
+        scoring, reference = (checkpoint.load(p) for p in paths)
+        self.scorer.load_state_dict(scoring["state_dict"])
+        self.scoring_opt.load_state_dict(scoring["optimizer"])
+        with torch.no_grad():
+            self.reference.load_state_dict(reference["state_dict"])
+            if self.dls is not None:
+                self.dls.copy_(scoring["downstream_logit_scale"])
+        self.params = {k: v.detach() for k, v in self.reference.named_parameters()}
+        state = AdamWState.from_state_dict(reference["optimizer"])
+        self.opt_state = AdamWState(state.step, {k: v.to(self.device) for k, v in state.exp_avg.items()},
+                                    {k: v.to(self.device) for k, v in state.exp_avg_sq.items()})
+        meta = scoring["flyt"]
+        self.epoch, self.step, self.skipped_steps = scoring["epoch"], meta["step"], meta["skipped_steps"]
+        self.loss_scale = LossScale(**meta["loss_scale"])
+        torch.set_rng_state(meta["rng"])
+        return True
+
+    # ---- one step ----------------------------------------------------------------------------------
+    def _to_device(self, bundle: dict) -> tuple[dict, list[DownstreamBatch]]:
+        up = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in bundle["upstream"].items()}
+        dtype = next(iter(self.params.values())).dtype
+        up["image"] = up["image"].to(dtype)
+        tasks = []
+        for i, t in enumerate(bundle["downstream"]):
+            move = lambda x: x.to(self.device) if x is not None else None
+            weight = self.task_weights[i] if self.task_weights and not self.cfg.downstream_clip_loss else 1.0
+            tasks.append(DownstreamBatch(t["name"], t["images"].to(self.device, dtype), move(t.get("labels")),
+                                         move(t.get("prompts")), move(t.get("texts")), weight))
+        return up, tasks
+
+    def train_step(self, bundle: dict) -> dict:
+        cfg = self.cfg
+        ref_lr = cosine_lr(cfg.reference_learning_rate, cfg.warmup, cfg.n_iterations, self.step)
+        scoring_lr = cosine_lr(cfg.scoring_learning_rate, cfg.warmup, cfg.n_iterations, self.step)
+        for group in self.scoring_opt.param_groups:
+            group["lr"] = scoring_lr
+        up, tasks = self._to_device(bundle)
+        step_cfg = dataclasses.replace(self.bilevel, loss_scale=self.loss_scale.scale, log_pre_update=cfg.log_pre_update)
+        result = flyt_step(self.reference, self.params, self.opt_state, ref_lr, self.scorer, up, tasks,
+                           self.dls, step_cfg, self.comm)
+        if result.finite:
+            self.scoring_opt.step()
+            with torch.no_grad():  # the module holds theta: copy in place, no second copy of the weights
+                for k, p in self.reference.named_parameters():
+                    p.copy_(result.params[k])
+            self.opt_state = result.opt_state
+        else:
+            self.skipped_steps += 1
+            tqdm.write(f"step {self.step}: non-finite gradients at loss scale {self.loss_scale.scale:g}: step skipped")
+        self.scoring_opt.zero_grad(set_to_none=True)
+        self.loss_scale.update(result.finite)
+        self.step += 1
+        metrics = dict(result.metrics, step=self.step, reference_lr=ref_lr, scoring_lr=scoring_lr)
+        if self.dls is not None:
+            metrics["downstream_logit_scale"] = float(self.dls.detach().exp())
+        if self.spec.mode == "mflyt":
+            weight = self.scorer.layers[0].weight.detach().flatten().tolist()
+            metrics.update({f"mixer/{f}": w for f, w in zip(self.spec.parquet_fields, weight)})
+        return metrics
+
+    # ---- the loop ----------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        cfg = self.cfg
+        resumed = self.maybe_resume()
+        logger = MetricsLog(self.run_dir, cfg, self.step, enabled=self.comm.rank == 0, resumed=resumed)
+        start = time.time()
+        with tqdm(total=cfg.n_iterations, initial=self.step, desc=f"flyt train ({cfg.mode})", unit="step",
+                  disable=self.comm.rank != 0) as bar:
+            last = self._epochs(bar, logger)
+        logger.close()
+        return {"run_dir": str(self.run_dir), "steps": self.step, "seconds": round(time.time() - start, 1),
+                "skipped_steps": self.skipped_steps, "skipped_samples": last.get("skipped_samples", 0),
+                "final": {k: v for k, v in last.items() if "loss" in k or k.startswith("mixer/")}}
+
+    def _epochs(self, bar, logger) -> dict:
+        cfg, last, skipped_samples = self.cfg, {}, {}
+        while self.epoch < cfg.num_checkpoints:
+            loader = torch.utils.data.DataLoader(TrainStream(self.stream_cfg, self.epoch, self.preprocess, self.tokenizer),
+                                                 batch_size=None, num_workers=cfg.workers)
+            batches = iter(loader)
+            for _ in range(_steps_in_epoch(cfg, self.epoch)):
+                tick = time.time()
+                bundle = next(batches)
+                skipped_samples[bundle["worker"]] = bundle["skipped"]
+                last = self.train_step(bundle)
+                last["samples_per_s"] = cfg.upstream_batch_size / max(time.time() - tick, 1e-9)
+                last["skipped_samples"] = sum(sum(c.values()) for c in skipped_samples.values())
+                bar.update(1)
+                if self.step % cfg.log_every_n_steps == 0 or self.step == cfg.n_iterations:
+                    logger.log(last)
+            del batches, loader
+            self.epoch += 1
+            self.save()
+        return last
+
+
+class MetricsLog:
+    """Console lines, ``metrics.jsonl`` in the run folder, and wandb when asked."""
+
+    def __init__(self, run_dir: Path, cfg: TrainConfig, step: int, enabled: bool, resumed: bool):
+        self.enabled, self.wandb = enabled, None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        self.path = run_dir / "metrics.jsonl"
+        kept = []
+        if resumed and self.path.exists():  # drop lines a killed run wrote after its last checkpoint
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+        if cfg.report_to_wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise FlytError("--report_to_wandb needs wandb: pip install 'flyt[wandb]'") from None
+            self.wandb = wandb.init(project=cfg.wandb_project_name, name=cfg.run_name, dir=str(run_dir),
+                                    config=dataclasses.asdict(cfg), resume="allow")
+
+    def log(self, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        shown = " ".join(f"{k.split('/')[-1] if k.startswith('downstream_loss/') else k}={v:.4g}"
+                         for k, v in metrics.items() if isinstance(v, float) and math.isfinite(v))
+        tqdm.write(f"step {metrics['step']}: {shown}")
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=metrics["step"])
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
