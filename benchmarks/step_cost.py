@@ -31,7 +31,7 @@ def _measure(kind: str, model_name: str, up: int, down: int, classes: int, repea
     from flyt.bilevel import BilevelConfig, DownstreamBatch, flyt_step
     from flyt.models import ScoringModel, create_clip
     from flyt.optim import AdamWState
-    from flyt.train import _autocast
+    from flyt.precision import autocast
 
     torch.manual_seed(0)
     dev = torch.device(device)
@@ -39,13 +39,12 @@ def _measure(kind: str, model_name: str, up: int, down: int, classes: int, repea
     size = model.visual.image_size
     images = torch.randn(up, 3, *size, device=dev)
     texts = tok([f"a photo of thing number {i}" for i in range(up)]).to(dev)
-    autocast = _autocast(precision, dev)
     if kind == "plain":
         loss_fn = ClipLoss()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2)
 
         def step():
-            with autocast():
+            with autocast(precision, dev):
                 img, txt, scale = model(images, texts)
                 loss = loss_fn(img.float(), txt.float(), scale.float())
             loss.backward()
@@ -59,7 +58,7 @@ def _measure(kind: str, model_name: str, up: int, down: int, classes: int, repea
                                labels=torch.randint(classes, (down,), device=dev),
                                prompts=tok([f"a photo of class {c}" for c in range(classes)]).to(dev))
         dls = torch.nn.Parameter(torch.tensor(2.65926, device=dev))
-        cfg = BilevelConfig(autocast=autocast)
+        cfg = BilevelConfig(precision=precision)
         batch = {"image": images, "text": texts}
 
         def step():

@@ -3,7 +3,7 @@
     1. scores s = q_phi(batch), weights w = softmax(s) over the global batch
     2. weighted CLIP loss L_w(theta; w) on the reference model's embeddings
     3. g = grad_theta L_w
-    4. theta' = AdamW(theta, g), differentiable in g
+    4. theta' = AdamW(theta, g)
     5. downstream loss L_down(theta') (zero-shot cross-entropy per task, or the CLIP loss)
     6. v = dL_down/dg, carried back through the AdamW map
     7. dL_down/dw = d/dw <J_e v, dL_w/de (e, w)>: one Jacobian-vector product u = J_e v through the model,
@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Callable, ContextManager, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -30,7 +30,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from flyt.comm import LocalComm
 from flyt.losses import clip_loss, weighted_clip_loss, zero_shot_loss
-from flyt.optim import AdamWConfig, AdamWState, Tensors, adamw_update
+from flyt.precision import AUTOCAST_DTYPES, autocast
+from flyt.optim import AdamWConfig, AdamWState, Tensors, adamw_update, adamw_vjp
 
 LOGIT_SCALE_BOUNDS = (2.0, math.log(100))
 
@@ -42,7 +43,7 @@ class BilevelConfig:
     update_reference: bool = True
     accum_freq: int = 1
     logit_scale_bounds: tuple[float, float] = LOGIT_SCALE_BOUNDS
-    autocast: Callable[[], ContextManager] = contextlib.nullcontext
+    precision: str = "fp32"  # see flyt.precision
     loss_scale: float = 1.0  # fp16: cotangents are multiplied by this and gradients divided by it
     log_pre_update: bool = False  # also report the downstream losses at theta (costs a forward)
 
@@ -68,11 +69,20 @@ class StepResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def _embedder(model: nn.Module, autocast: Callable[[], ContextManager]):
-    """f(params, image=, text=) -> tuple of normalised float32 embeddings, through OpenCLIP's forward."""
+def _embedder(model: nn.Module, precision: str, forward_mode: bool = False):
+    """f(params, image=, text=) -> tuple of normalised (at least float32) embeddings via OpenCLIP's forward.
+
+    Under autocast, forward-mode AD is run with weights and inputs cast to the autocast dtype by hand
+    instead: autocast's casts do not carry tangents consistently.
+    """
+    dtype = AUTOCAST_DTYPES.get(precision) if forward_mode else None
 
     def embed(params: Tensors, image: torch.Tensor | None = None, text: torch.Tensor | None = None):
-        with autocast():
+        if dtype is not None:
+            params = {k: v.to(dtype) for k, v in params.items()}
+            image = image.to(dtype) if image is not None else None
+        context = autocast(precision, next(iter(params.values())).device) if dtype is None else contextlib.nullcontext()
+        with context:
             out = functional_call(model, params, (), {"image": image, "text": text})
         return tuple(_wide(o) for o in out[:2] if o is not None)
 
@@ -85,22 +95,24 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
 
 
 class _Encoded:
-    """Embeddings of several input pieces at one parameter point, with vjp and jvp back to the parameters.
+    """Embeddings of several input pieces (kwargs of ``embed``) at one parameter point, with vjp and jvp
+    back to the parameters.
 
     Unchunked, the forward graph is kept for the vjp (one forward + one backward, like a plain step);
     chunked, the forward runs without a graph and each piece is recomputed for its vjp.
     """
 
-    def __init__(self, pieces: Sequence[Callable[[Tensors], tuple]], params: Tensors, keep_graph: bool):
-        self.pieces, self.params, self.keep_graph = pieces, params, keep_graph
+    def __init__(self, embeds: tuple, pieces: Sequence[dict], params: Tensors, keep_graph: bool):
+        (self.embed, self.jvp_embed), self.pieces = embeds, pieces
+        self.params, self.keep_graph = params, keep_graph
         if keep_graph:
             self.leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
             with torch.enable_grad():
-                self.outputs = [piece(self.leaves) for piece in pieces]
+                self.outputs = [self.embed(self.leaves, **piece) for piece in pieces]
             self.values = [tuple(o.detach() for o in out) for out in self.outputs]
         else:
             with torch.no_grad():
-                self.values = [piece(params) for piece in pieces]
+                self.values = [self.embed(params, **piece) for piece in pieces]
 
     def cat(self, i: int) -> torch.Tensor:
         """The i-th output of every piece, concatenated over pieces."""
@@ -109,31 +121,40 @@ class _Encoded:
     def vjp(self, cotangents: list[tuple], scale: float = 1.0) -> Tensors:
         """Sum over pieces of J^T cotangent (cotangents multiplied by ``scale``, the result divided)."""
         names = list(self.params)
-        total = {k: torch.zeros_like(v) for k, v in self.params.items()}
+        total: Tensors = {}
         for i, piece in enumerate(self.pieces):
             if self.keep_graph:
                 outputs, leaves = self.outputs[i], self.leaves
             else:
                 leaves = {k: v.detach().requires_grad_() for k, v in self.params.items()}
                 with torch.enable_grad():
-                    outputs = piece(leaves)
-            grads = torch.autograd.grad(outputs, [leaves[k] for k in names],
-                                        [c * scale for c in cotangents[i]], allow_unused=True)
+                    outputs = self.embed(leaves, **piece)
+            cot = [c * scale for c in cotangents[i]] if scale != 1.0 else list(cotangents[i])
+            grads = torch.autograd.grad(outputs, [leaves[k] for k in names], cot, allow_unused=True)
             for k, g in zip(names, grads):
                 if g is not None:
-                    total[k] += g / scale
+                    total[k] = total[k].add_(g) if k in total else g
+        for k, p in self.params.items():
+            if k not in total:
+                total[k] = torch.zeros_like(p)
+            elif scale != 1.0:
+                total[k].div_(scale)
         return total
 
     def jvp(self, tangents: Tensors) -> list[tuple]:
         """J v for every piece, by forward-mode AD (math attention: no fused kernel has a forward AD rule).
 
-        The tangent is normalised to unit max-norm and the result rescaled, so that fp16 forward-mode
-        arithmetic sees well-scaled numbers whatever the size of v.
+        The tangent is normalised to unit max-norm and the result rescaled, so that low-precision
+        forward-mode arithmetic sees well-scaled numbers whatever the size of v.
         """
-        norm = max(t.abs().max() for t in tangents.values()).clamp_min(1e-30)
-        unit = {k: tangents[k] / norm for k in self.params}
+        norm = max(float(t.abs().max()) for t in tangents.values()) or 1.0
+        unit = {k: (tangents[k] / norm).to(p.dtype) for k, p in self.params.items()}
+        out = []
         with sdpa_kernel(SDPBackend.MATH), _mha_fastpath(False):
-            return [tuple(t * norm for t in jvp(piece, (self.params,), (unit,))[1]) for piece in self.pieces]
+            for piece in self.pieces:
+                _, tangent_out = jvp(lambda p: self.jvp_embed(p, **piece), (self.params,), (unit,))
+                out.append(tuple(t * norm for t in tangent_out))
+        return out
 
 
 @contextlib.contextmanager
@@ -154,29 +175,28 @@ def _split_like(t: torch.Tensor, values: list[tuple], i: int) -> list[torch.Tens
     return list(torch.split(t, [v[i].shape[0] for v in values]))
 
 
-def _upstream(embed, params: Tensors, batch: dict, cfg: BilevelConfig) -> _Encoded:
-    pieces = [lambda p, x=x, t=t: embed(p, image=x, text=t)
+def _upstream(embeds, params: Tensors, batch: dict, cfg: BilevelConfig) -> _Encoded:
+    pieces = [{"image": x, "text": t}
               for x, t in zip(_chunks(batch["image"], cfg.accum_freq), _chunks(batch["text"], cfg.accum_freq))]
-    return _Encoded(pieces, params, keep_graph=cfg.accum_freq == 1)
+    return _Encoded(embeds, pieces, params, keep_graph=cfg.accum_freq == 1)
 
 
-def _downstream_grad(embed, params: Tensors, dls: torch.Tensor | None, tasks: Sequence[DownstreamBatch],
+def _downstream_grad(embeds, params: Tensors, dls: torch.Tensor | None, tasks: Sequence[DownstreamBatch],
                      cfg: BilevelConfig, comm, want_grad: bool = True) -> tuple[Tensors, torch.Tensor | None, dict[str, float]]:
     """Weighted mean downstream loss over tasks at ``params`` and (unless ``want_grad`` is False) its
     gradient w.r.t. params (summed over ranks) and w.r.t. the downstream logit scale."""
-    grads = {k: torch.zeros_like(v) for k, v in params.items()}
+    grads: Tensors = {}
     total_weight = sum(t.weight for t in tasks)
     dls_leaf = dls.detach().requires_grad_() if dls is not None else None
     dls_grad = torch.zeros_like(dls) if dls is not None else None
     losses = {}
     for task in tasks:
         if cfg.downstream_loss == "zeroshot":
-            pieces = [lambda p, x=x: embed(p, image=x) for x in _chunks(task.images, cfg.accum_freq)]
-            pieces.append(lambda p: embed(p, text=task.prompts))
+            pieces = [{"image": x} for x in _chunks(task.images, cfg.accum_freq)] + [{"text": task.prompts}]
         else:
-            pieces = [lambda p, x=x, t=t: embed(p, image=x, text=t)
+            pieces = [{"image": x, "text": t}
                       for x, t in zip(_chunks(task.images, cfg.accum_freq), _chunks(task.texts, cfg.accum_freq))]
-        enc = _Encoded(pieces, params, keep_graph=want_grad and cfg.accum_freq == 1)
+        enc = _Encoded(embeds, pieces, params, keep_graph=want_grad and cfg.accum_freq == 1)
         with torch.enable_grad():
             if cfg.downstream_loss == "zeroshot":
                 img_local = torch.cat([v[0] for v in enc.values[:-1]])
@@ -209,11 +229,13 @@ def _downstream_grad(embed, params: Tensors, dls: torch.Tensor | None, tasks: Se
             g_img, g_txt, g_ls = all_grads[:3]
             sl = comm.local_slice(task.images.shape[0])
             cot = list(zip(_split_like(g_img[sl], enc.values, 0), _split_like(g_txt[sl], enc.values, 1)))
-            if g_ls is not None:  # replicated on every rank: each adds its 1/W share before the sum
-                grads["logit_scale"] = grads["logit_scale"] + g_ls * share / comm.world_size
         task_grads = enc.vjp(cot, cfg.loss_scale)
-        for k in grads:
-            grads[k] += task_grads[k] * share
+        if cfg.downstream_loss == "clip" and g_ls is not None:
+            # replicated on every rank: each adds its 1/W share before the sum
+            task_grads["logit_scale"] = task_grads["logit_scale"] + g_ls / comm.world_size
+        for k, g in task_grads.items():
+            g = g.mul_(share) if share != 1.0 else g
+            grads[k] = grads[k].add_(g) if k in grads else g
         if dls_leaf is not None and all_grads[-1] is not None:
             dls_grad += all_grads[-1] * share
     if want_grad:
@@ -226,15 +248,15 @@ def flyt_step(reference: nn.Module, params: Tensors, opt_state: AdamWState, lr: 
               cfg: BilevelConfig = BilevelConfig(), comm=LocalComm()) -> StepResult:
     """One bilevel step. Accumulates dL_down/dphi into the scorer's ``.grad`` (summed over ranks) and
     dL_down/d(downstream_logit_scale) into ``dls.grad``; returns the reference's next parameters/state."""
-    embed = _embedder(reference, cfg.autocast)
+    embeds = (_embedder(reference, cfg.precision), _embedder(reference, cfg.precision, forward_mode=True))
 
     # 1. scores and weights over the global batch
-    with cfg.autocast():
+    with autocast(cfg.precision, upstream["image"].device):
         scores = _wide(scorer(upstream))
     log_w = torch.log_softmax(comm.gather_autograd(scores), dim=0)
 
     # 2-3. upstream embeddings, dL_w/de (kept differentiable in w for step 7), and g
-    up = _upstream(embed, params, upstream, cfg)
+    up = _upstream(embeds, params, upstream, cfg)
     n_local = upstream["image"].shape[0]
     local = comm.local_slice(n_local)
     img = comm.gather(up.cat(0)).requires_grad_()
@@ -248,24 +270,22 @@ def flyt_step(reference: nn.Module, params: Tensors, opt_state: AdamWState, lr: 
     comm.all_reduce_sum(list(grad.values()))
     grad["logit_scale"] = grad["logit_scale"] + g_tau.detach().to(grad["logit_scale"].dtype)
 
-    # 4. theta' = AdamW(theta, g), differentiable in g
-    grad_leaves = {k: v.detach().requires_grad_() for k, v in grad.items()}
-    with torch.enable_grad():
-        new_params, new_state = adamw_update(params, grad_leaves, opt_state, lr, cfg.adamw)
-        new_params["logit_scale"] = new_params["logit_scale"].clamp(*cfg.logit_scale_bounds)
+    # 4. theta' = AdamW(theta, g); its (diagonal) derivative in g is applied in closed form in step 6
+    lo, hi = cfg.logit_scale_bounds
+    with torch.no_grad():
+        new_params, new_state = adamw_update(params, grad, opt_state, lr, cfg.adamw)
+        unclamped = new_params["logit_scale"]
+        new_params["logit_scale"] = unclamped.clamp(lo, hi)
 
     # 5. downstream loss at theta' and its gradient
-    detached = {k: v.detach() for k, v in new_params.items()}
-    down_grad, dls_grad, metrics = _downstream_grad(embed, detached, dls, tasks, cfg, comm)
+    down_grad, dls_grad, metrics = _downstream_grad(embeds, new_params, dls, tasks, cfg, comm)
     if cfg.log_pre_update:
-        before = _downstream_grad(embed, params, dls, tasks, cfg, comm, want_grad=False)[2]
+        before = _downstream_grad(embeds, params, dls, tasks, cfg, comm, want_grad=False)[2]
         metrics.update({k.replace("downstream_loss", "pre_update_loss"): v for k, v in before.items()})
 
-    # 6. v = dL_down/dg through the AdamW map
-    names = list(grad_leaves)
-    v = torch.autograd.grad([new_params[k] for k in names], [grad_leaves[k] for k in names],
-                            [down_grad[k] for k in names], allow_unused=True)
-    v = {k: (t if t is not None else torch.zeros_like(grad[k])) for k, t in zip(names, v)}
+    # 6. v = dL_down/dg through the AdamW map (and the logit-scale clamp)
+    down_grad["logit_scale"] = down_grad["logit_scale"] * ((unclamped >= lo) & (unclamped <= hi))
+    v = adamw_vjp(grad, opt_state, lr, down_grad, cfg.adamw)
 
     # 7. u = J_e v (forward mode), then h = <u, dL_w/de>, whose gradient in w is dL_down/dw
     u = up.jvp(v)
@@ -288,8 +308,8 @@ def flyt_step(reference: nn.Module, params: Tensors, opt_state: AdamWState, lr: 
             dls.grad = dls_grad if dls.grad is None else dls.grad + dls_grad
 
     # 9. the reference moves to theta' only when asked; the optimizer state always advances
-    next_params = detached if cfg.update_reference else params
-    metrics.update({"weighted_loss": float(loss_w.detach()), "logit_scale": float(detached["logit_scale"].exp())})
+    next_params = new_params if cfg.update_reference else params
+    metrics.update({"weighted_loss": float(loss_w.detach()), "logit_scale": float(new_params["logit_scale"].exp())})
     if not finite:
         return StepResult(params, opt_state, False, metrics)
     return StepResult(next_params, new_state, True, metrics)

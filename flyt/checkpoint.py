@@ -30,6 +30,13 @@ def save(ckpt_dir: Path, epoch: int, scoring: dict, reference: dict, numbered: b
                 torch.save(payload, tmp)
 
 
+def save_clip(path: Path, model, optimizer, step: int, name: str) -> None:
+    """A plain CLIP checkpoint in OpenCLIP's layout (``state_dict`` key), loadable by ``create_model``."""
+    with atomic_path(path) as tmp:
+        torch.save({"epoch": step, "name": name, "state_dict": model.state_dict(),
+                    "optimizer": optimizer.state_dict()}, tmp)
+
+
 def load(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():

@@ -123,3 +123,36 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
 
 def config_from_args(cls: type, args: argparse.Namespace):
     return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+@dataclass
+class ClipTrainConfig:
+    """``flyt train-clip``: a DataComp-like CLIP recipe scaled down by flags."""
+
+    upstream_data_dir: str = _f(None, "pool: a folder of shards, one .tar, or several joined by '::'", required=True)
+    subset: str | None = _f(None, "a subset .npy from flyt sample: train on these uids, repeats honoured")
+    model: str = _f("ViT-B-32", "OpenCLIP architecture")
+    pretrained: str | None = _f(None, "start from this OpenCLIP tag or checkpoint file")
+    output_dir: str = _f("./runs", "where EXP_NAME/checkpoints/ goes")
+    exp_name: str | None = _f(None, "run name (default: clip-MODEL-seedS)")
+    steps: int = _f(None, "optimizer steps", required=True)
+    batch_size: int = _f(256, "global batch size")
+    lr: float = _f(5e-4, "peak learning rate (cosine schedule)")
+    warmup: int = _f(500, "linear warmup steps")
+    wd: float = _f(0.2, "AdamW weight decay on >=2-D weights")
+    seed: int = _f(0, "seed of initialisation and data order")
+    workers: int = _f(2, "data loader processes")
+    device: str | None = _f(None, "cpu, cuda, ... (default: cuda if available)")
+    precision: str = _f("fp32", "fp32 | amp | amp_bf16 | bf16", choices=PRECISIONS)
+    log_every_n_steps: int = _f(50, "console/metrics line every this many steps")
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "log_every_n_steps"):
+            if getattr(self, name) < 1:
+                raise FlytError(f"--{name} must be >= 1 (got {getattr(self, name)})")
+        if self.warmup < 0 or self.workers < 0:
+            raise FlytError("--warmup and --workers must be >= 0")
+
+    @property
+    def run_name(self) -> str:
+        return self.exp_name or f"clip-{self.model}-seed{self.seed}"

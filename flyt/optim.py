@@ -74,6 +74,29 @@ def adamw_update(params: Tensors, grads: Tensors, state: AdamWState, lr: float,
     return new_params, AdamWState(step, new_m, new_v)
 
 
+def adamw_vjp(grads: Tensors, state: AdamWState, lr: float, cotangents: Tensors,
+              cfg: AdamWConfig = AdamWConfig()) -> Tensors:
+    """(d theta'/d g)^T cotangent for ``adamw_update`` at (grads, state), in closed form.
+
+    The map is elementwise, so its Jacobian is diagonal: with D = sqrt(s/bc2) + eps and r = sqrt(s/bc2),
+    d update/d g = ((1 - b1) / D - m (1 - b2) g / (bc2 r D^2)) / bc1 where s > 0, else 0. Writing it out
+    avoids an autograd graph over every parameter (time and memory the size of the model).
+    """
+    step = state.step + 1
+    bc1 = 1 - cfg.beta1 ** step
+    bc2 = 1 - cfg.beta2 ** step
+    out = {}
+    for name, g in grads.items():
+        m = cfg.beta1 * state.exp_avg[name] + (1 - cfg.beta1) * g
+        s = cfg.beta2 * state.exp_avg_sq[name] + (1 - cfg.beta2) * g * g
+        nonzero = s > 0
+        r = torch.sqrt(torch.where(nonzero, s, torch.ones_like(s)) / bc2)
+        d = r + cfg.eps
+        slope = (1 - cfg.beta1) / d - m * ((1 - cfg.beta2) / bc2) * g / (r * d * d)
+        out[name] = torch.where(nonzero, slope, torch.zeros_like(slope)) * cotangents[name] * (-lr / bc1)
+    return out
+
+
 def cosine_lr(base_lr: float, warmup: int, total_steps: int, step: int) -> float:
     """Linear warmup over ``warmup`` steps, then cosine decay to zero at ``total_steps``."""
     if step < warmup:

@@ -3,9 +3,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 import json
 import math
 import time
@@ -48,18 +46,12 @@ class LossScale:
                 self.scale *= 2
 
 
-def _device(cfg: TrainConfig) -> torch.device:
+def _device(cfg) -> torch.device:
+    """--device (default cuda when there is one); fp16 autocast needs CUDA."""
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if cfg.precision == "amp" and device.type != "cuda":
         raise FlytError("--precision amp (fp16) needs a CUDA device; use fp32 or amp_bf16 on CPU")
     return device
-
-
-def _autocast(precision: str, device: torch.device):
-    if precision in ("amp", "amp_bf16"):
-        dtype = torch.float16 if precision == "amp" else torch.bfloat16
-        return functools.partial(torch.autocast, device_type=device.type, dtype=dtype)
-    return contextlib.nullcontext
 
 
 def _steps_in_epoch(cfg: TrainConfig, epoch: int) -> int:
@@ -133,8 +125,7 @@ class Trainer:
         self.step, self.epoch = 0, 0
         self.skipped_steps = 0
         self.bilevel = BilevelConfig(AdamWConfig(), "clip" if cfg.downstream_clip_loss else "zeroshot",
-                                     cfg.update_reference_model, cfg.accum_freq,
-                                     autocast=_autocast(cfg.precision, self.device))
+                                     cfg.update_reference_model, cfg.accum_freq, precision=cfg.precision)
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def _payloads(self) -> tuple[dict, dict]:

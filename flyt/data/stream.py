@@ -58,11 +58,12 @@ def _resampled(shards: list[str], weights: list[float], rng: random.Random) -> I
 
 
 def _raw_samples(shards: list[str], weights: list[float], rng: random.Random, buffer: int) -> Iterator[dict]:
-    samples = wds.tarfile_samples(_resampled(shards, weights, rng), handler=_reraise_with_shard)
+    samples = wds.tarfile_samples(_resampled(shards, weights, rng), handler=reraise_with_shard)
     return wds.shuffle(buffer, min(buffer, 100), rng=rng)(samples)
 
 
-def _reraise_with_shard(exc: Exception) -> bool:
+def reraise_with_shard(exc: Exception) -> bool:
+    """webdataset handler: an unreadable shard is a one-line error naming it."""
     where = next((a for a in exc.args[1:] if isinstance(a, str)), "a shard")
     raise FlytError(f"cannot read {where}: {exc.args[0] if exc.args else exc}") from None
 

@@ -1,0 +1,79 @@
+"""Passes over a pool filtered by a subset file, for plain CLIP training (``flyt train-clip``).
+
+Unlike FLYT's resampled stream, every selected sample is seen exactly ``count`` times per pass, where
+``count`` is how often its uid occurs in the subset (DataComp's convention: repeats are repeated
+training examples). Shards are split over ranks and workers and reshuffled every pass; a shuffle
+buffer mixes samples; everything is seeded by (seed, pass, rank, worker).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from typing import Callable
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from flyt.data.samples import decode_pair
+from flyt.data.stream import reraise_with_shard
+from flyt.subset import UID_DTYPE, load_subset, uids_to_array
+
+
+class SubsetCounts:
+    """uid -> occurrences in a subset file (0 when absent), looked up by the uid's two 64-bit halves."""
+
+    def __init__(self, path: str):
+        rows = load_subset(path)
+        self.keys, self.counts = np.unique(rows, return_counts=True)
+        self.total = int(len(rows))
+
+    def __call__(self, uid: str) -> int:
+        key = uids_to_array([uid])[0]
+        i = int(np.searchsorted(self.keys, np.array(key, dtype=UID_DTYPE)))
+        return int(self.counts[i]) if i < len(self.keys) and self.keys[i] == key else 0
+
+
+class SubsetStream(torch.utils.data.IterableDataset):
+    """Batches of {image, text} over endless passes of (a subset of) a pool."""
+
+    def __init__(self, shards: list[str], counts: SubsetCounts | None, batch_size: int, preprocess: Callable,
+                 tokenizer: Callable, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 1000):
+        self.shards, self.counts, self.batch_size = shards, counts, batch_size
+        self.preprocess, self.tokenizer = preprocess, tokenizer
+        self.seed, self.rank, self.world_size, self.shuffle_buffer = seed, rank, world_size, shuffle_buffer
+
+    def _selected(self, epoch: int, worker: int, workers: int, skipped: Counter):
+        order = list(self.shards)
+        random.Random(hash((self.seed, epoch))).shuffle(order)
+        mine = order[self.rank * workers + worker::self.world_size * workers]
+        for raw in wds.tarfile_samples(({"url": s} for s in mine), handler=reraise_with_shard):
+            sample = decode_pair(raw, skipped)
+            if sample is None:
+                continue
+            repeats = self.counts(sample["uid"]) if self.counts is not None else 1
+            for _ in range(repeats):
+                yield sample
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        seed = hash((self.seed, self.rank, worker)) & 0x7FFFFFFF
+        rng = random.Random(seed)
+        torch.manual_seed(seed)
+        skipped, epoch, batch = Counter(), 0, []
+        while True:
+            seen = 0
+            for sample in wds.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=rng)(
+                    self._selected(epoch, worker, workers, skipped)):
+                seen += 1
+                batch.append(sample)
+                if len(batch) == self.batch_size:
+                    yield {"image": torch.stack([self.preprocess(s["image"]) for s in batch]),
+                           "text": self.tokenizer([s["text"] for s in batch]),
+                           "uid": [s["uid"] for s in batch], "skipped": dict(skipped), "worker": worker, "pass": epoch}
+                    batch = []
+            if seen == 0 and epoch > 0:
+                return  # this worker has no selected samples at all
+            epoch += 1

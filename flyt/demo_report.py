@@ -1,0 +1,127 @@
+"""The demo's report: a results table, what the filters learned, plots, and the commands to reproduce."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+SECTIONS = ("## Results", "## What M-FLYT learned", "## How well the scores separate clean from corrupted",
+            "## What each subset selected", "## Training curves", "## Reproduce")
+
+
+def _auc(score: np.ndarray, positive: np.ndarray) -> float:
+    """Probability that a random positive outranks a random negative (ties count half)."""
+    ranks = pd.Series(score).rank().to_numpy()
+    n_pos, n_neg = positive.sum(), (~positive).sum()
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _plots(root: Path, truth: pd.DataFrame, scored: dict[str, pd.DataFrame], selections: dict[str, pd.Series]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figs = root / "report"
+    names = []
+    fig, axes = plt.subplots(1, len(scored), figsize=(5 * len(scored), 3.5))
+    for ax, (name, frame) in zip(np.atleast_1d(axes), scored.items()):
+        for kind, group in frame.groupby("kind"):
+            ax.hist(group.score, bins=40, alpha=0.5, label=kind, density=True)
+        ax.set_title(f"{name} scores by kind")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(figs / "score_histograms.png", dpi=90)
+    names.append("score_histograms.png")
+    plt.close(fig)
+
+    kinds = sorted(truth.kind.unique())
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    width = 0.8 / len(selections)
+    for i, (name, counts) in enumerate(selections.items()):
+        per_kind = counts.groupby(truth.set_index("uid").kind.reindex(counts.index).to_numpy()).sum()
+        ax.bar(np.arange(len(kinds)) + i * width, [per_kind.get(k, 0) for k in kinds], width, label=name)
+    ax.set_xticks(np.arange(len(kinds)) + 0.4 - width / 2, kinds, fontsize=8)
+    ax.set_ylabel("training examples (with repeats)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(figs / "selection_by_kind.png", dpi=90)
+    names.append("selection_by_kind.png")
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for name in ("mflyt", "flyt"):
+        lines = [json.loads(l) for l in (root / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+        axes[0].plot([l["step"] for l in lines], [l["downstream_loss/digits"] for l in lines], label=name)
+        if name == "mflyt":
+            for key in [k for k in lines[-1] if k.startswith("mixer/")]:
+                axes[1].plot([l["step"] for l in lines], [l[key] for l in lines], label=key.split("/")[1])
+    axes[0].set_title("downstream loss at theta' (digits, train split)")
+    axes[1].set_title("M-FLYT mixer weights")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(figs / "training_curves.png", dpi=90)
+    names.append("training_curves.png")
+    plt.close(fig)
+    return names
+
+
+def write_report(root: Path, plan, truth: pd.DataFrame, results: list[dict], commands: list[str],
+                 fields: list[str], seconds: float) -> Path:
+    import torch
+
+    from flyt.subset import array_to_uids, load_subset
+
+    (root / "report").mkdir(parents=True, exist_ok=True)
+    table = pd.DataFrame(results).groupby("method", sort=False).acc1.agg(["mean", "std", "count"])
+    usable = truth[truth.kind != "broken"]
+    scored = {}
+    for name in ("flyt", "mflyt"):
+        frame = pd.read_parquet(root / "data" / f"{name}_scores.parquet").merge(usable[["uid", "kind", "clean"]], on="uid")
+        scored[name.upper().replace("MFLYT", "M-FLYT")] = frame
+    subsets = root / "data" / "subsets"
+    selections = {}
+    for path in sorted(subsets.glob("*.npy")):
+        uids = pd.Series(array_to_uids(load_subset(path)).to_pylist())
+        selections[path.stem] = uids.value_counts()
+    plots = _plots(root, usable, scored, selections)
+    mixer = torch.load(root / "runs" / "mflyt" / "checkpoints" / "scoring_epoch_latest.pt", weights_only=True)
+    weights = mixer["state_dict"]["layers.0.weight"].flatten().tolist()
+
+    lines = ["# flyt demo report", "",
+             f"Pool: {len(truth)} digit image-caption pairs ({int(truth.clean.sum())} clean; corrupted kinds: "
+             f"{', '.join(f'{k} {v}' for k, v in truth.kind.value_counts().items() if k != 'clean')}). "
+             f"Every CLIP below trains {plan.clip_steps} steps of batch {plan.batch} on its subset; accuracy is "
+             f"zero-shot top-1 on the digits task's held-out test split. Total time {seconds:.0f} s.", "",
+             SECTIONS[0], "", "| method | acc1 mean | ± std | seeds |", "|---|---|---|---|"]
+    for method, row in table.iterrows():
+        std = "" if row["count"] < 2 else f"{row['std']:.3f}"
+        lines.append(f"| {method} | {row['mean']:.3f} | {std} | {int(row['count'])} |")
+    best = table["mean"].idxmax()
+    lines += ["", f"Measured outcome: the best mean accuracy is **{best}** ({table['mean'].max():.3f}); "
+              f"no filter {table['mean'].get('no filter', float('nan')):.3f}, random "
+              f"{table['mean'].get('random', float('nan')):.3f}.", "",
+              SECTIONS[1], "", "| input score | weight |", "|---|---|"]
+    lines += [f"| {f} | {w:+.4f} |" for f, w in zip(fields, weights)]
+    lines += ["", SECTIONS[2], "", "| scores | AUC clean vs corrupted |", "|---|---|"]
+    for name, frame in scored.items():
+        lines.append(f"| {name} | {_auc(frame.score.to_numpy(), frame.clean.to_numpy()):.3f} |")
+    lines += ["", "![score histograms](score_histograms.png)", "", SECTIONS[3], "",
+              "| subset | examples | unique | clean share |", "|---|---|---|---|"]
+    clean = set(usable.uid[usable.clean])
+    for name, counts in selections.items():
+        share = counts[counts.index.isin(clean)].sum() / counts.sum()
+        lines.append(f"| {name} | {int(counts.sum())} | {len(counts)} | {share:.2f} |")
+    lines += ["", "![selection by kind](selection_by_kind.png)", "", SECTIONS[4], "",
+              "![training curves](training_curves.png)", "", SECTIONS[5], "", "```bash", *commands, "```", ""]
+    path = root / "report" / "report.md"
+    path.write_text("\n".join(lines))
+    print("\n".join(lines[6:6 + len(table) + 4]))
+    return path

@@ -1,0 +1,102 @@
+"""``flyt train-clip``: train a CLIP on a (filtered) pool with OpenCLIP's loss and schedule.
+
+This is the yardstick of a filter: the same small recipe trained on each candidate subset. OpenCLIP
+provides the model, ``ClipLoss`` and the cosine schedule; this file only wires them to a subset stream
+and writes an OpenCLIP-loadable ``DIR/NAME/checkpoints/epoch_latest.pt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from flyt.config import ClipTrainConfig, add_dataclass_arguments
+
+    add_dataclass_arguments(parser, ClipTrainConfig)
+
+
+def train_clip(cfg) -> tuple[dict, dict[str, int]]:
+    """Train; returns a summary and how often each uid was seen (what the subset asked for)."""
+    import time
+    from pathlib import Path
+
+    import torch
+    from open_clip import ClipLoss
+    from open_clip_train.scheduler import cosine_lr
+    from tqdm import tqdm
+
+    from flyt import checkpoint
+    from flyt.data.shards import parse_sources
+    from flyt.data.subset_stream import SubsetCounts, SubsetStream
+    from flyt.errors import FlytError
+    from flyt.models import create_clip
+    from flyt.optim import decays
+    from flyt.precision import autocast
+    from flyt.train import _device
+
+    device = _device(cfg)
+    torch.manual_seed(cfg.seed)
+    model, preprocess_train, _, tokenizer = create_clip(cfg.model, cfg.pretrained, device, cfg.precision)
+    shards = [s for src in parse_sources(cfg.upstream_data_dir) for s in src.shards]
+    counts = SubsetCounts(cfg.subset) if cfg.subset else None
+    stream = SubsetStream(shards, counts, cfg.batch_size, preprocess_train, tokenizer, cfg.seed)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.workers)
+    named = list(model.named_parameters())
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for n, p in named if decays(n, p)], "weight_decay": cfg.wd},
+         {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    schedule = cosine_lr(optimizer, cfg.lr, cfg.warmup, cfg.steps)
+    loss_fn = ClipLoss()
+    scaler = torch.amp.GradScaler("cuda") if cfg.precision == "amp" else None
+    run_dir = Path(cfg.output_dir) / cfg.run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = (run_dir / "metrics.jsonl").open("w")
+    start, skipped, seen = time.time(), {}, {}
+    model.train()
+    batches = iter(loader)
+    with tqdm(total=cfg.steps, desc="flyt train-clip", unit="step") as bar:
+        for step in range(cfg.steps):
+            try:
+                batch = next(batches)
+            except StopIteration:
+                raise FlytError(f"--subset {cfg.subset} selects no sample of {cfg.upstream_data_dir}") from None
+            skipped[batch["worker"]] = batch["skipped"]
+            for uid in batch["uid"]:
+                seen[uid] = seen.get(uid, 0) + 1
+            schedule(step)
+            with autocast(cfg.precision, device):
+                img, txt, scale = model(batch["image"].to(device), batch["text"].to(device))
+                loss = loss_fn(img.float(), txt.float(), scale.float())
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, 4.6052)  # OpenCLIP's clamp to [0, ln 100]
+            bar.update(1)
+            if (step + 1) % cfg.log_every_n_steps == 0 or step + 1 == cfg.steps:
+                line = {"step": step + 1, "loss": float(loss), "lr": optimizer.param_groups[0]["lr"],
+                        "logit_scale": float(model.logit_scale.exp())}
+                log.write(json.dumps(line) + "\n")
+                bar.set_postfix(loss=f"{float(loss):.3f}")
+    log.close()
+    path = run_dir / "checkpoints" / "epoch_latest.pt"
+    checkpoint.save_clip(path, model, optimizer, cfg.steps, cfg.run_name)
+    return {"checkpoint": str(path), "steps": cfg.steps, "seconds": round(time.time() - start, 1),
+            "final_loss": float(loss), "unique_samples_seen": len(seen),
+            "skipped_samples": sum(sum(c.values()) for c in skipped.values())}, seen
+
+
+def run(args: argparse.Namespace) -> int:
+    from flyt.config import ClipTrainConfig, config_from_args
+
+    summary, _ = train_clip(config_from_args(ClipTrainConfig, args))
+    print("flyt train-clip: done " + json.dumps(summary))
+    return 0
