@@ -192,15 +192,18 @@ def _downstream_grad(embeds, params: Tensors, dls: torch.Tensor | None, tasks: S
     losses = {}
     for task in tasks:
         if cfg.downstream_loss == "zeroshot":
-            pieces = [{"image": x} for x in _chunks(task.images, cfg.accum_freq)] + [{"text": task.prompts}]
+            pieces = [{"image": x} for x in _chunks(task.images, cfg.accum_freq)]
+            has_classes = task.prompts is not None and task.prompts.shape[0] > 0  # a rank may hold none
+            pieces += [{"text": task.prompts}] if has_classes else []
         else:
             pieces = [{"image": x, "text": t}
                       for x, t in zip(_chunks(task.images, cfg.accum_freq), _chunks(task.texts, cfg.accum_freq))]
         enc = _Encoded(embeds, pieces, params, keep_graph=want_grad and cfg.accum_freq == 1)
         with torch.enable_grad():
             if cfg.downstream_loss == "zeroshot":
-                img_local = torch.cat([v[0] for v in enc.values[:-1]])
-                cls_local = enc.values[-1][0]
+                n_img_pieces = len(enc.values) - has_classes
+                img_local = torch.cat([v[0] for v in enc.values[:n_img_pieces]])
+                cls_local = enc.values[-1][0] if has_classes else img_local.new_zeros((0, img_local.shape[1]))
                 img = comm.gather(img_local).requires_grad_()
                 classifier = comm.gather(cls_local).requires_grad_()
                 labels = comm.gather(task.labels)
@@ -224,7 +227,8 @@ def _downstream_grad(embeds, params: Tensors, dls: torch.Tensor | None, tasks: S
             n_img = img_local.shape[0]
             g_img_local = g_img[comm.local_slice(n_img)]
             g_cls_local = g_cls[comm.local_slice(cls_local.shape[0])]
-            cot = [(c,) for c in _split_like(g_img_local, enc.values[:-1], 0)] + [(g_cls_local,)]
+            cot = [(c,) for c in _split_like(g_img_local, enc.values[:n_img_pieces], 0)]
+            cot += [(g_cls_local,)] if has_classes else []
         else:
             g_img, g_txt, g_ls = all_grads[:3]
             sl = comm.local_slice(task.images.shape[0])

@@ -95,7 +95,6 @@ def run(args: argparse.Namespace) -> int:
 
     from flyt import toydata
     from flyt.demo_report import write_report
-    from flyt.subset import save_subset
 
     plan = PLANS["quick" if args.quick else "full"]
     root = Path(args.output_dir)
@@ -148,9 +147,12 @@ def run(args: argparse.Namespace) -> int:
         step("sample", "--scores", data / f"{name}_scores.parquet", "--method", "scs", "--total_size", size,
              "--repetition_penalty", "0.15", "--seed", seed, "--output", subsets / f"{name}_scs.npy",
              "--counts_output", subsets / f"{name}_scs_counts.parquet")
-    rng = np.random.default_rng(seed)
-    save_subset(subsets / "random.npy", rng.choice(usable.uid.to_numpy(), size, replace=False).tolist())
-    save_subset(subsets / "no_filter.npy", usable.uid.tolist())
+    random_scores = clip_scores[["uid"]].assign(score=np.random.default_rng(seed).random(len(clip_scores)))
+    random_scores.to_parquet(data / "random_scores.parquet")
+    step("sample", "--scores", data / "random_scores.parquet", "--method", "topk", "--total_size", size,
+         "--seed", seed, "--output", subsets / "random.npy")
+    step("sample", "--scores", data / "clip_scores.parquet", "--method", "topk", "--fraction", 1.0, "--seed", seed,
+         "--output", subsets / "no_filter.npy")
     methods = {"no filter": "no_filter", "random": "random", "CLIP-score top-k": "clip_topk",
                "FLYT + SCS": "flyt_scs", "M-FLYT + SCS": "mflyt_scs"}
 

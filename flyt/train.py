@@ -46,9 +46,9 @@ class LossScale:
                 self.scale *= 2
 
 
-def _device(cfg) -> torch.device:
-    """--device (default cuda when there is one); fp16 autocast needs CUDA."""
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+def _device(cfg, local_rank: int = 0) -> torch.device:
+    """--device (default cuda when there is one, this process's GPU under torchrun); fp16 needs CUDA."""
+    device = torch.device(cfg.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
     if cfg.precision == "amp" and device.type != "cuda":
         raise FlytError("--precision amp (fp16) needs a CUDA device; use fp32 or amp_bf16 on CPU")
     return device
@@ -79,9 +79,11 @@ def _weights(spec: str | None, n: int) -> list[float] | None:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, comm=None):
+    def __init__(self, cfg: TrainConfig, comm=None, local_rank: int = 0):
         self.cfg, self.comm = cfg, comm or LocalComm()
-        self.device = _device(cfg)
+        self.device = _device(cfg, local_rank)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         self.run_dir = Path(cfg.output_dir) / cfg.run_name
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.tasks = parse_task_names(cfg.downstream_task_names, cfg.downstream_data_dir, cfg.datacomp_eval_dir)

@@ -14,12 +14,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """One process, or one rank of ``torchrun`` (gloo on CPU, NCCL on GPU): the same mathematics."""
+    import torch
+
     from flyt.config import TrainConfig, config_from_args
+    from flyt.distributed import DistComm, init_process_group, world_from_env
     from flyt.train import Trainer
 
     cfg = config_from_args(TrainConfig, args)
-    summary = Trainer(cfg).fit()
-    print("flyt train: done " + json.dumps(summary))
+    rank, world_size, local_rank = world_from_env()
+    if world_size == 1:
+        summary = Trainer(cfg).fit()
+    else:
+        device_type = (cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")).split(":")[0]
+        init_process_group(device_type)
+        try:
+            summary = Trainer(cfg, DistComm(), local_rank).fit()
+        finally:
+            torch.distributed.destroy_process_group()
+    if rank == 0:
+        print("flyt train: done " + json.dumps(summary))
     return 0
 
 
