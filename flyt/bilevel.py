@@ -3,7 +3,7 @@
     1. scores s = q_phi(batch), weights w = softmax(s) over the global batch
     2. weighted CLIP loss L_w(theta; w) on the reference model's embeddings
     3. g = grad_theta L_w
-    4. theta' = AdamW(theta, g)
+    4. theta' = AdamW(theta, g), with its (diagonal) derivative in g
     5. downstream loss L_down(theta') (zero-shot cross-entropy per task, or the CLIP loss)
     6. v = dL_down/dg, carried back through the AdamW map
     7. dL_down/dw = d/dw <J_e v, dL_w/de (e, w)>: one Jacobian-vector product u = J_e v through the model,
@@ -31,7 +31,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from flyt.comm import LocalComm
 from flyt.losses import clip_loss, weighted_clip_loss, zero_shot_loss
 from flyt.precision import AUTOCAST_DTYPES, autocast
-from flyt.optim import AdamWConfig, AdamWState, Tensors, adamw_update, adamw_vjp
+from flyt.optim import AdamWConfig, AdamWState, Tensors, adamw_update
 
 LOGIT_SCALE_BOUNDS = (2.0, math.log(100))
 
@@ -141,19 +141,19 @@ class _Encoded:
                 total[k].div_(scale)
         return total
 
-    def jvp(self, tangents: Tensors) -> list[tuple]:
+    def jvp(self, tangents: Tensors, rescale: bool = False) -> list[tuple]:
         """J v for every piece, by forward-mode AD (math attention: no fused kernel has a forward AD rule).
 
-        The tangent is normalised to unit max-norm and the result rescaled, so that low-precision
-        forward-mode arithmetic sees well-scaled numbers whatever the size of v.
+        With ``rescale`` (low precision) the tangent is normalised to unit max-norm and the result scaled
+        back, so that fp16/bf16 forward-mode arithmetic sees well-scaled numbers whatever the size of v.
         """
-        norm = max(float(t.abs().max()) for t in tangents.values()) or 1.0
-        unit = {k: (tangents[k] / norm).to(p.dtype) for k, p in self.params.items()}
+        norm = (max(float(t.abs().max()) for t in tangents.values()) or 1.0) if rescale else 1.0
+        unit = {k: (tangents[k] / norm if rescale else tangents[k]).to(p.dtype) for k, p in self.params.items()}
         out = []
         with sdpa_kernel(SDPBackend.MATH), _mha_fastpath(False):
             for piece in self.pieces:
                 _, tangent_out = jvp(lambda p: self.jvp_embed(p, **piece), (self.params,), (unit,))
-                out.append(tuple(t * norm for t in tangent_out))
+                out.append(tuple(t * norm for t in tangent_out) if rescale else tangent_out)
         return out
 
 
@@ -274,10 +274,10 @@ def flyt_step(reference: nn.Module, params: Tensors, opt_state: AdamWState, lr: 
     comm.all_reduce_sum(list(grad.values()))
     grad["logit_scale"] = grad["logit_scale"] + g_tau.detach().to(grad["logit_scale"].dtype)
 
-    # 4. theta' = AdamW(theta, g); its (diagonal) derivative in g is applied in closed form in step 6
+    # 4. theta' = AdamW(theta, g) and d theta'/dg, a diagonal (the map is elementwise)
     lo, hi = cfg.logit_scale_bounds
     with torch.no_grad():
-        new_params, new_state = adamw_update(params, grad, opt_state, lr, cfg.adamw)
+        new_params, new_state, slope = adamw_update(params, grad, opt_state, lr, cfg.adamw)
         unclamped = new_params["logit_scale"]
         new_params["logit_scale"] = unclamped.clamp(lo, hi)
 
@@ -288,11 +288,11 @@ def flyt_step(reference: nn.Module, params: Tensors, opt_state: AdamWState, lr: 
         metrics.update({k.replace("downstream_loss", "pre_update_loss"): v for k, v in before.items()})
 
     # 6. v = dL_down/dg through the AdamW map (and the logit-scale clamp)
-    down_grad["logit_scale"] = down_grad["logit_scale"] * ((unclamped >= lo) & (unclamped <= hi))
-    v = adamw_vjp(grad, opt_state, lr, down_grad, cfg.adamw)
+    slope["logit_scale"] = slope["logit_scale"] * ((unclamped >= lo) & (unclamped <= hi))
+    v = {k: slope[k].mul_(down_grad[k]) for k in slope}
 
     # 7. u = J_e v (forward mode), then h = <u, dL_w/de>, whose gradient in w is dL_down/dw
-    u = up.jvp(v)
+    u = up.jvp(v, rescale=cfg.precision != "fp32")
     u_img, u_txt = torch.cat([x[0] for x in u]), torch.cat([x[1] for x in u])
     finite = all(torch.isfinite(t).all() for t in (u_img, u_txt, *down_grad.values(), *grad.values()))
     with torch.enable_grad():

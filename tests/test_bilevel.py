@@ -50,7 +50,7 @@ def _downstream_loss_direct(ref, params, state, scorer, up, tasks, dls):
     img, txt, scale = torch.func.functional_call(ref, p, (up["image"], up["text"]))
     grads = torch.autograd.grad(weighted_clip_loss(img, txt, scale, w.detach()), list(p.values()), allow_unused=True)
     grads = {k: (gr if gr is not None else torch.zeros_like(v)) for (k, v), gr in zip(p.items(), grads)}
-    new, _ = adamw_update(params, grads, state, LR)
+    new, _, _ = adamw_update(params, grads, state, LR)
     new["logit_scale"] = new["logit_scale"].clamp(2.0, math.log(100))
     total = 0.0
     for t in tasks:
@@ -128,7 +128,7 @@ def test_downstream_clip_loss_hypergradient_matches_finite_differences(tiny_clip
         img, txt, scale = torch.func.functional_call(ref, p, (up["image"], up["text"]))
         gr = torch.autograd.grad(weighted_clip_loss(img, txt, scale, w.detach()), list(p.values()), allow_unused=True)
         gr = {k: (x if x is not None else torch.zeros_like(v)) for (k, v), x in zip(p.items(), gr)}
-        new, _ = adamw_update(params, gr, state, LR)
+        new, _, _ = adamw_update(params, gr, state, LR)
         new["logit_scale"] = new["logit_scale"].clamp(2.0, math.log(100))
         losses = []
         for t in tasks:
