@@ -30,7 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from flyt.comm import LocalComm
 from flyt.losses import clip_loss, weighted_clip_loss, zero_shot_loss
-from flyt.precision import AUTOCAST_DTYPES, autocast
+from flyt.precision import autocast
 from flyt.optim import AdamWConfig, AdamWState, Tensors, adamw_update
 
 LOGIT_SCALE_BOUNDS = (2.0, math.log(100))
@@ -69,29 +69,32 @@ class StepResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """Losses run in at least float32 whatever the model's precision (float64 stays float64)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def _embedder(model: nn.Module, precision: str, forward_mode: bool = False):
     """f(params, image=, text=) -> tuple of normalised (at least float32) embeddings via OpenCLIP's forward.
 
-    Under autocast, forward-mode AD is run with weights and inputs cast to the autocast dtype by hand
-    instead: autocast's casts do not carry tangents consistently.
+    In low precision, forward-mode AD runs in float32 (TF32 matmuls on CUDA): on an H200, dual tensors
+    under autocast or with bf16 weights failed inside OpenCLIP's attention ("expected scalar type Float
+    but found Half/BFloat16").
     """
-    dtype = AUTOCAST_DTYPES.get(precision) if forward_mode else None
+    wide = forward_mode and precision != "fp32"
 
     def embed(params: Tensors, image: torch.Tensor | None = None, text: torch.Tensor | None = None):
-        if dtype is not None:
-            params = {k: v.to(dtype) for k, v in params.items()}
-            image = image.to(dtype) if image is not None else None
-        context = autocast(precision, next(iter(params.values())).device) if dtype is None else contextlib.nullcontext()
+        if wide:
+            params = {k: _wide(v) for k, v in params.items()}
+            image = _wide(image) if image is not None else None
+            context = contextlib.nullcontext()
+        else:
+            context = autocast(precision, next(iter(params.values())).device)
         with context:
             out = functional_call(model, params, (), {"image": image, "text": text})
         return tuple(_wide(o) for o in out[:2] if o is not None)
 
     return embed
-
-
-def _wide(t: torch.Tensor) -> torch.Tensor:
-    """Losses run in at least float32 whatever the model's precision (float64 stays float64)."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 class _Encoded:
@@ -141,20 +144,25 @@ class _Encoded:
                 total[k].div_(scale)
         return total
 
-    def jvp(self, tangents: Tensors, rescale: bool = False) -> list[tuple]:
+    def jvp(self, tangents: Tensors, tf32: bool = False) -> list[tuple]:
         """J v for every piece, by forward-mode AD (math attention: no fused kernel has a forward AD rule).
 
-        With ``rescale`` (low precision) the tangent is normalised to unit max-norm and the result scaled
-        back, so that fp16/bf16 forward-mode arithmetic sees well-scaled numbers whatever the size of v.
+        Runs in float32 (``_embedder``); ``tf32`` lets CUDA matmuls use TF32 meanwhile (low precision runs).
         """
-        norm = (max(float(t.abs().max()) for t in tangents.values()) or 1.0) if rescale else 1.0
-        unit = {k: (tangents[k] / norm if rescale else tangents[k]).to(p.dtype) for k, p in self.params.items()}
-        out = []
-        with sdpa_kernel(SDPBackend.MATH), _mha_fastpath(False):
-            for piece in self.pieces:
-                _, tangent_out = jvp(lambda p: self.jvp_embed(p, **piece), (self.params,), (unit,))
-                out.append(tuple(t * norm for t in tangent_out) if rescale else tangent_out)
-        return out
+        tangent = {k: _wide(tangents[k]) for k in self.params}
+        params = {k: _wide(p) for k, p in self.params.items()}
+        with sdpa_kernel(SDPBackend.MATH), _mha_fastpath(False), _tf32(tf32):
+            return [jvp(lambda p: self.jvp_embed(p, **piece), (params,), (tangent,))[1] for piece in self.pieces]
+
+
+@contextlib.contextmanager
+def _tf32(enabled: bool):
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = previous or enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 @contextlib.contextmanager
@@ -292,9 +300,11 @@ def flyt_step(reference: nn.Module, params: Tensors, opt_state: AdamWState, lr: 
     v = {k: slope[k].mul_(down_grad[k]) for k in slope}
 
     # 7. u = J_e v (forward mode), then h = <u, dL_w/de>, whose gradient in w is dL_down/dw
-    u = up.jvp(v, rescale=cfg.precision != "fp32")
+    u = up.jvp(v, tf32=cfg.precision != "fp32")
     u_img, u_txt = torch.cat([x[0] for x in u]), torch.cat([x[1] for x in u])
-    finite = all(torch.isfinite(t).all() for t in (u_img, u_txt, *down_grad.values(), *grad.values()))
+    bad = torch.tensor([0.0 if all(torch.isfinite(t).all() for t in (u_img, u_txt)) else 1.0], device=u_img.device)
+    comm.all_reduce_sum([bad])  # every rank skips together (g and dL_down/dtheta' are already summed)
+    finite = bool(bad == 0) and all(torch.isfinite(t).all() for t in (*down_grad.values(), *grad.values()))
     with torch.enable_grad():
         h = (u_img * g_img[local]).sum() + (u_txt * g_txt[local]).sum() \
             + _wide(v["logit_scale"]).sum() * g_tau / comm.world_size
