@@ -21,24 +21,20 @@ def _auc(score: np.ndarray, positive: np.ndarray) -> float:
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def _plots(root: Path, truth: pd.DataFrame, scored: dict[str, pd.DataFrame], selections: dict[str, pd.Series]) -> list[str]:
+def _plots(root: Path, truth: pd.DataFrame, scored: dict[str, pd.DataFrame], selections: dict[str, pd.Series]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figs = root / "report"
-    names = []
     fig, axes = plt.subplots(1, len(scored), figsize=(5 * len(scored), 3.5))
     for ax, (name, frame) in zip(np.atleast_1d(axes), scored.items()):
         for kind, group in frame.groupby("kind"):
             ax.hist(group.score, bins=40, alpha=0.5, label=kind, density=True)
         ax.set_title(f"{name} scores by kind")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(figs / "score_histograms.png", dpi=90)
-    names.append("score_histograms.png")
-    plt.close(fig)
+    _save(fig, figs / "score_histograms.png")
 
     kinds = sorted(truth.kind.unique())
     fig, ax = plt.subplots(figsize=(8, 3.5))
@@ -49,10 +45,7 @@ def _plots(root: Path, truth: pd.DataFrame, scored: dict[str, pd.DataFrame], sel
     ax.set_xticks(np.arange(len(kinds)) + 0.4 - width / 2, kinds, fontsize=8)
     ax.set_ylabel("training examples (with repeats)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(figs / "selection_by_kind.png", dpi=90)
-    names.append("selection_by_kind.png")
-    plt.close(fig)
+    _save(fig, figs / "selection_by_kind.png")
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     for name in ("mflyt", "flyt"):
@@ -66,11 +59,15 @@ def _plots(root: Path, truth: pd.DataFrame, scored: dict[str, pd.DataFrame], sel
     for ax in axes:
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
+    _save(fig, figs / "training_curves.png")
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    fig.savefig(figs / "training_curves.png", dpi=90)
-    names.append("training_curves.png")
+    fig.savefig(path, dpi=90)
     plt.close(fig)
-    return names
 
 
 def write_report(root: Path, plan, truth: pd.DataFrame, results: list[dict], commands: list[str],
@@ -91,7 +88,7 @@ def write_report(root: Path, plan, truth: pd.DataFrame, results: list[dict], com
     for path in sorted(subsets.glob("*.npy")):
         uids = pd.Series(array_to_uids(load_subset(path)).to_pylist())
         selections[path.stem] = uids.value_counts()
-    plots = _plots(root, usable, scored, selections)
+    _plots(root, usable, scored, selections)
     mixer = torch.load(root / "runs" / "mflyt" / "checkpoints" / "scoring_epoch_latest.pt", weights_only=True)
     weights = mixer["state_dict"]["layers.0.weight"].flatten().tolist()
 

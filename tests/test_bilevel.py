@@ -43,8 +43,8 @@ def _setup(tiny_clip, mode: str, with_dls: bool, seed: int = 0):
     return ref, params, state, scorer, up, tasks, dls
 
 
-def _downstream_loss_direct(ref, params, state, scorer, up, tasks, dls):
-    """L_down(theta'(phi)) written the obvious way: autograd for g, then AdamW, then the task losses."""
+def _theta_prime(ref, params, state, scorer, up):
+    """theta'(phi) written the obvious way: autograd for g at weights softmax(q_phi), then AdamW."""
     p = {k: v.detach().requires_grad_() for k, v in params.items()}
     w = torch.log_softmax(scorer(up), 0)
     img, txt, scale = torch.func.functional_call(ref, p, (up["image"], up["text"]))
@@ -52,6 +52,12 @@ def _downstream_loss_direct(ref, params, state, scorer, up, tasks, dls):
     grads = {k: (gr if gr is not None else torch.zeros_like(v)) for (k, v), gr in zip(p.items(), grads)}
     new, _, _ = adamw_update(params, grads, state, LR)
     new["logit_scale"] = new["logit_scale"].clamp(2.0, math.log(100))
+    return new
+
+
+def _downstream_loss_direct(ref, params, state, scorer, up, tasks, dls):
+    """L_down(theta'(phi)) with the zero-shot task losses."""
+    new = _theta_prime(ref, params, state, scorer, up)
     total = 0.0
     for t in tasks:
         i, c, _ = torch.func.functional_call(ref, new, (t.images, t.prompts))
@@ -123,13 +129,7 @@ def test_downstream_clip_loss_hypergradient_matches_finite_differences(tiny_clip
         tiny_clip, BilevelConfig(downstream_loss="clip"), mode="mflyt")
 
     def value():
-        p = {k: v.detach().requires_grad_() for k, v in params.items()}
-        w = torch.log_softmax(scorer(up), 0)
-        img, txt, scale = torch.func.functional_call(ref, p, (up["image"], up["text"]))
-        gr = torch.autograd.grad(weighted_clip_loss(img, txt, scale, w.detach()), list(p.values()), allow_unused=True)
-        gr = {k: (x if x is not None else torch.zeros_like(v)) for (k, v), x in zip(p.items(), gr)}
-        new, _, _ = adamw_update(params, gr, state, LR)
-        new["logit_scale"] = new["logit_scale"].clamp(2.0, math.log(100))
+        new = _theta_prime(ref, params, state, scorer, up)
         losses = []
         for t in tasks:
             i, c, _ = torch.func.functional_call(ref, new, (t.images, t.texts))
