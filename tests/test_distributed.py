@@ -123,6 +123,11 @@ def test_torchrun_trains_writes_one_set_of_checkpoints_and_resumes(pool, tmp_pat
     more = _torchrun(_train_args(pool, tmp_path, "--n_iterations", "6", "--num_checkpoints", "3", "--resume", "latest"))
     assert more.returncode == 0, more.stderr[-3000:]
     assert torch.load(ckpt / "scoring_epoch_latest.pt", weights_only=True)["flyt"]["step"] == 6
+    from flyt.cli import main as cli  # and once more on one process: resumable with another world size
+
+    assert cli(["train", *_train_args(pool, tmp_path, "--n_iterations", "8", "--num_checkpoints", "4",
+                                      "--resume", "latest")]) == 0
+    assert torch.load(ckpt / "scoring_epoch_latest.pt", weights_only=True)["flyt"]["step"] == 8
 
 
 def test_a_failing_rank_ends_the_job_with_its_error(pool, tmp_path):
