@@ -203,20 +203,6 @@ def _test_stream(shards: list[str], preprocess: Callable, batch_size: int, task)
     return TestStream()
 
 
-def _autocast(precision: str, device):
-    import contextlib
-
-    import torch
-
-    if precision not in PRECISIONS:
-        raise FlytError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision == "amp" and device.type != "cuda":
-        raise FlytError("--precision amp (fp16 autocast) needs a CUDA device; use fp32 or amp_bf16")
-    return torch.autocast(device.type, dtype=torch.float16 if precision == "amp" else torch.bfloat16)
-
-
 # --------------------------------------------------------------------------------------------- evaluate
 
 
@@ -244,9 +230,11 @@ def evaluate(model, preprocess: Callable, tokenizer: Callable, task, batch_size:
         raise FlytError(f"task {task.name!r} has no test shards (test_dir is None)")
     if batch_size < 1 or workers < 0:
         raise FlytError(f"--batch_size must be >= 1 and --workers >= 0 (got {batch_size}, {workers})")
-    device = torch.device(device)
+    from flyt.precision import autocast as autocast_of, resolve_device
+
+    device = resolve_device(str(device), precision)
     shards = list_shards(task.test_dir, f"test shards of task {task.name!r}")
-    autocast = _autocast(precision, device)
+    autocast = autocast_of(precision, device)
     param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
     image_dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     was_training = getattr(model, "training", False)
@@ -340,10 +328,9 @@ def _write_jsonl(path: Path, lines: list[dict]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
+    from flyt.precision import resolve_device
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    _autocast(args.precision, device)  # fail before any loading
+    device = resolve_device(args.device, args.precision)  # fail before any loading
     if args.batch_size < 1 or args.workers < 0:
         raise FlytError(f"--batch_size must be >= 1 and --workers >= 0 (got {args.batch_size}, {args.workers})")
     tasks = [resolve_eval_task(token, args.eval_dir) for token in args.tasks]

@@ -824,23 +824,6 @@ def _message(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[-1]}" if text else type(exc).__name__
 
 
-def _device(name: str | None, precision: str):
-    import torch
-
-    if name is None:
-        local = os.environ.get("LOCAL_RANK")
-        name = (f"cuda:{local}" if local else "cuda") if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise FlytError(f"--device {name!r} is not a torch device") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise FlytError(f"--device {name}: CUDA is not available here")
-    if precision == "amp" and device.type != "cuda":
-        raise FlytError("--precision amp (fp16 autocast) needs a CUDA device; use fp32 or amp_bf16")
-    return device
-
-
 def _check_flags(args) -> None:
     if args.batch_size < 1:
         raise FlytError(f"--batch_size must be >= 1 (got {args.batch_size})")
@@ -924,7 +907,9 @@ def run(args: argparse.Namespace) -> int:
             raise FlytError(f"--output {output.path} would overwrite the pool's metadata {shard.metadata}: "
                             "write the scores to another folder")
     mine = [s for j, s in enumerate(shards) if j % jobs == job]
-    device = _device(args.device, args.precision)
+    from flyt.precision import resolve_device
+
+    device = resolve_device(args.device, args.precision)
     model, spec = _load(args, device)
     mixer = None
     if spec.mode == "mflyt":

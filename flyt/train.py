@@ -18,12 +18,13 @@ from flyt.bilevel import BilevelConfig, DownstreamBatch, flyt_step
 from flyt.comm import LocalComm
 from flyt.config import TrainConfig
 from flyt.data.scores import ScoreLookup
-from flyt.data.shards import parse_sources
+from flyt.data.shards import parse_sources, parse_weights
 from flyt.data.stream import StreamConfig, TrainStream
 from flyt.data.tasks import parse_task_names
 from flyt.errors import FlytError
 from flyt.models import ScorerSpec, build_scorer, create_clip
 from flyt.optim import AdamWConfig, AdamWState, cosine_lr, decays
+from flyt.precision import resolve_device
 
 
 @dataclass
@@ -46,14 +47,6 @@ class LossScale:
                 self.scale *= 2
 
 
-def _device(cfg, local_rank: int = 0) -> torch.device:
-    """--device (default cuda when there is one, this process's GPU under torchrun); fp16 needs CUDA."""
-    device = torch.device(cfg.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
-    if cfg.precision == "amp" and device.type != "cuda":
-        raise FlytError("--precision amp (fp16) needs a CUDA device; use fp32 or amp_bf16 on CPU")
-    return device
-
-
 def _steps_in_epoch(cfg: TrainConfig, epoch: int) -> int:
     edge = lambda e: round(cfg.n_iterations * e / cfg.num_checkpoints)
     return edge(epoch + 1) - edge(epoch)
@@ -66,28 +59,16 @@ def _per_rank(total: int, comm, accum: int, flag: str) -> int:
     return per
 
 
-def _weights(spec: str | None, n: int) -> list[float] | None:
-    if spec is None:
-        return None
-    try:
-        values = [float(w) for w in spec.split("::")]
-    except ValueError:
-        values = []
-    if len(values) != n or any(v <= 0 for v in values):
-        raise FlytError(f"--downstream_data_weights {spec!r}: expected {n} positive numbers joined by '::'")
-    return values
-
-
 class Trainer:
-    def __init__(self, cfg: TrainConfig, comm=None, local_rank: int = 0):
+    def __init__(self, cfg: TrainConfig, comm=None):
         self.cfg, self.comm = cfg, comm or LocalComm()
-        self.device = _device(cfg, local_rank)
+        self.device = resolve_device(cfg.device, cfg.precision)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.run_dir = Path(cfg.output_dir) / cfg.run_name
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.tasks = parse_task_names(cfg.downstream_task_names, cfg.downstream_data_dir, cfg.datacomp_eval_dir)
-        self.task_weights = _weights(cfg.downstream_data_weights, len(self.tasks))
+        self.task_weights = parse_weights(cfg.downstream_data_weights, len(self.tasks), "--downstream_data_weights")
         sources = parse_sources(cfg.upstream_data_dir, cfg.data_weights)
         scores = ScoreLookup(cfg.parquet_dir, cfg.parquet_fields) if cfg.mode == "mflyt" else None
         self.stream_cfg = StreamConfig(

@@ -33,10 +33,9 @@ def train_clip(cfg) -> tuple[dict, dict[str, int]]:
     from flyt.errors import FlytError
     from flyt.models import create_clip
     from flyt.optim import decays
-    from flyt.precision import autocast
-    from flyt.train import _device
+    from flyt.precision import autocast, resolve_device
 
-    device = _device(cfg)
+    device = resolve_device(cfg.device, cfg.precision)
     torch.manual_seed(cfg.seed)
     model, preprocess_train, _, tokenizer = create_clip(cfg.model, cfg.pretrained, device, cfg.precision)
     shards = [s for src in parse_sources(cfg.upstream_data_dir) for s in src.shards]

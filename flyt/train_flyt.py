@@ -22,14 +22,14 @@ def run(args: argparse.Namespace) -> int:
     from flyt.train import Trainer
 
     cfg = config_from_args(TrainConfig, args)
-    rank, world_size, local_rank = world_from_env()
+    rank, world_size, _ = world_from_env()
     if world_size == 1:
         summary = Trainer(cfg).fit()
     else:
         device_type = (cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")).split(":")[0]
         init_process_group(device_type)
         try:
-            summary = Trainer(cfg, DistComm(), local_rank).fit()
+            summary = Trainer(cfg, DistComm()).fit()
         finally:
             torch.distributed.destroy_process_group()
     if rank == 0:

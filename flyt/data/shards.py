@@ -43,13 +43,18 @@ def parse_sources(spec: str, weights: str | None = None, flag: str = "--upstream
     paths = [p for p in spec.split("::") if p]
     if not paths:
         raise FlytError(f"{flag} is empty")
-    if weights is None:
-        values = [1.0] * len(paths)
-    else:
-        try:
-            values = [float(w) for w in weights.split("::")]
-        except ValueError:
-            raise FlytError(f"--data_weights {weights!r}: expected numbers joined by '::', e.g. 1::2") from None
-        if len(values) != len(paths) or any(v <= 0 for v in values):
-            raise FlytError(f"--data_weights {weights!r}: need {len(paths)} positive weight(s) for {flag}")
+    values = parse_weights(weights, len(paths), "--data_weights") or [1.0] * len(paths)
     return [Source(tuple(list_shards(p, flag)), w) for p, w in zip(paths, values)]
+
+
+def parse_weights(spec: str | None, n: int, flag: str) -> list[float] | None:
+    """``1::2`` -> [1.0, 2.0]: exactly ``n`` positive numbers, or None when the flag is not given."""
+    if spec is None:
+        return None
+    try:
+        values = [float(w) for w in spec.split("::")]
+    except ValueError:
+        values = []
+    if len(values) != n or any(v <= 0 for v in values):
+        raise FlytError(f"{flag} {spec!r}: expected {n} positive number(s) joined by '::', e.g. 1::2")
+    return values
