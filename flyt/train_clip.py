@@ -80,16 +80,17 @@ def train_clip(cfg) -> tuple[dict, dict[str, int]]:
             with torch.no_grad():
                 model.logit_scale.clamp_(0, 4.6052)  # OpenCLIP's clamp to [0, ln 100]
             bar.update(1)
-            if (step + 1) % cfg.log_every_n_steps == 0 or step + 1 == cfg.steps:
-                line = {"step": step + 1, "loss": float(loss), "lr": optimizer.param_groups[0]["lr"],
+            if (step + 1) % cfg.log_every_n_steps == 0 or step + 1 == cfg.steps:  # always on the last step
+                last = float(loss.detach())
+                line = {"step": step + 1, "loss": last, "lr": optimizer.param_groups[0]["lr"],
                         "logit_scale": float(model.logit_scale.exp())}
                 log.write(json.dumps(line) + "\n")
-                bar.set_postfix(loss=f"{float(loss):.3f}")
+                bar.set_postfix(loss=f"{last:.3f}")
     log.close()
     path = run_dir / "checkpoints" / "epoch_latest.pt"
     checkpoint.save_clip(path, model, optimizer, cfg.steps, cfg.run_name)
     return {"checkpoint": str(path), "steps": cfg.steps, "seconds": round(time.time() - start, 1),
-            "final_loss": float(loss), "unique_samples_seen": len(seen),
+            "final_loss": last, "unique_samples_seen": len(seen),
             "skipped_samples": sum(sum(c.values()) for c in skipped.values())}, seen
 
 

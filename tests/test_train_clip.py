@@ -1,0 +1,60 @@
+"""``flyt train-clip``: a subset's repeats are repeated training examples, and the checkpoint is OpenCLIP's."""
+
+from __future__ import annotations
+
+import open_clip
+import pytest
+import torch
+
+from flyt import toydata
+from flyt.cli import main as cli
+from flyt.config import ClipTrainConfig
+from flyt.subset import save_subset
+from flyt.train_clip import train_clip
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    root = tmp_path_factory.mktemp("clip")
+    df = toydata.write_pool(root / "pool", 30, n_shards=3, seed=0, corruption={}, n_broken=2)
+    return root, df[df.kind != "broken"].reset_index(drop=True)
+
+
+def _config(root, subset, steps: int, batch: int, workers: int, out) -> ClipTrainConfig:
+    return ClipTrainConfig(upstream_data_dir=str(root / "pool"), subset=str(subset), model="flyt-tiny",
+                           output_dir=str(out), exp_name="run", steps=steps, batch_size=batch, lr=1e-3, warmup=1,
+                           workers=workers, device="cpu", log_every_n_steps=1)
+
+
+def test_subset_repeats_are_seen_that_often_per_pass(pool, tmp_path):
+    root, df = pool
+    wanted = {df.uid[0]: 3, df.uid[1]: 2, **{u: 1 for u in df.uid[2:13]}}  # 16 rows, one uid 3x, one 2x
+    subset = tmp_path / "subset.npy"
+    assert save_subset(subset, list(wanted), list(wanted.values())) == 16
+    passes, batch = 2, 4
+    summary, seen = train_clip(_config(root, subset, passes * 16 // batch, batch, 0, tmp_path))
+    assert seen == {u: passes * c for u, c in wanted.items()}
+    assert summary["unique_samples_seen"] == 13
+
+
+def test_checkpoint_loads_in_open_clip_and_unfiltered_pool_is_seen_once(pool, tmp_path):
+    root, df = pool
+    summary, seen = train_clip(ClipTrainConfig(upstream_data_dir=str(root / "pool"), model="flyt-tiny",
+                                               output_dir=str(tmp_path), exp_name="all", steps=len(df), batch_size=1,
+                                               warmup=0, workers=0, device="cpu"))
+    assert seen == {u: 1 for u in df.uid}  # no subset: every decodable sample once, the broken ones skipped
+    assert summary["skipped_samples"] == 2
+    path = tmp_path / "all" / "checkpoints" / "epoch_latest.pt"
+    model = open_clip.create_model("flyt-tiny", pretrained=str(path))
+    assert torch.equal(model.logit_scale, torch.load(path, weights_only=True)["state_dict"]["logit_scale"])
+
+
+def test_subset_without_any_pool_uid_is_a_one_line_error(pool, tmp_path, capsys):
+    root, _ = pool
+    subset = tmp_path / "other.npy"
+    save_subset(subset, ["0" * 32])
+    argv = ["train-clip", "--upstream_data_dir", str(root / "pool"), "--subset", str(subset), "--model", "flyt-tiny",
+            "--output_dir", str(tmp_path), "--steps", "2", "--batch_size", "2", "--workers", "0"]
+    assert cli(argv) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
+    assert last.startswith("flyt train-clip: error: ") and "selects no sample" in last
