@@ -57,6 +57,8 @@ def race_counts(
     and it has no arrivals past ``cap``. The clocks run up to a cut-off time (first guessed from the mean
     behaviour, raised while too few arrivals came before it); the ``total`` earliest arrivals are the draws.
     """
+    if total > logits.size * cap:
+        raise FlytError(f"cannot draw {total} from {logits.size} examples capped at {cap} draws each")
     # the top logit always joins the sample: an outlier missed by the guess would race far ahead of it
     sample = np.append(logits[:: max(1, logits.size // _FLUID_SAMPLE)], logits.max())
     log_cut = _fluid_log_time(sample, total * sample.size / logits.size, penalty, cap)

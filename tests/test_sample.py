@@ -119,6 +119,11 @@ def test_scores_too_wide_for_float64_are_refused():
         race_counts(logits, logits.size, np.random.default_rng(0), 0.0, 1)
 
 
+def test_more_draws_than_the_cap_allows_are_refused():
+    with pytest.raises(FlytError, match="cannot draw 31 from 10 examples capped at 3"):
+        race_counts(np.zeros(10), 31, np.random.default_rng(0), 0.0, 3)
+
+
 def test_race_is_deterministic_given_seed():
     logits = np.random.default_rng(1).normal(size=5000)
     first = race_counts(logits, 20000, np.random.default_rng(7), 0.15)
