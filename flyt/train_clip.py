@@ -83,7 +83,7 @@ def train_clip(cfg) -> tuple[dict, dict[str, int]]:
             if (step + 1) % cfg.log_every_n_steps == 0 or step + 1 == cfg.steps:  # always on the last step
                 last = float(loss.detach())
                 line = {"step": step + 1, "loss": last, "lr": optimizer.param_groups[0]["lr"],
-                        "logit_scale": float(model.logit_scale.exp())}
+                        "logit_scale": float(model.logit_scale.detach().exp())}
                 log.write(json.dumps(line) + "\n")
                 bar.set_postfix(loss=f"{last:.3f}")
     log.close()
