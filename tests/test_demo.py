@@ -1,18 +1,83 @@
-"""``flyt demo --quick`` runs the whole pipeline end to end and writes a complete report."""
+"""``flyt demo --quick`` runs the whole pipeline end to end and writes a complete report, and
+``examples.ipynb`` runs top to bottom on what it wrote.
+
+The demo takes minutes on a CPU, so it runs once per module and both tests read its folder.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+import flyt
 from flyt.cli import main as cli
 from flyt.demo_report import SECTIONS
 
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOK = REPO / "examples.ipynb"
 
-def test_quick_demo_writes_every_report_section(tmp_path):
-    assert cli(["demo", "--output_dir", str(tmp_path), "--quick"]) == 0
-    report = (tmp_path / "report" / "report.md").read_text()
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory) -> Path:
+    """The output folder of one ``flyt demo --quick`` run, shared by the tests of this module."""
+    root = tmp_path_factory.mktemp("demo")
+    assert cli(["demo", "--output_dir", str(root), "--quick"]) == 0
+    return root
+
+
+def test_quick_demo_writes_every_report_section(quick_demo):
+    report = (quick_demo / "report" / "report.md").read_text()
     for section in SECTIONS:
         assert section in report
     for method in ("no filter", "random", "CLIP-score top-k", "FLYT + SCS", "M-FLYT + SCS"):
         assert f"| {method} |" in report
     for plot in ("score_histograms.png", "selection_by_kind.png", "training_curves.png"):
-        assert (tmp_path / "report" / plot).stat().st_size > 1000
+        assert (quick_demo / "report" / plot).stat().st_size > 1000
     assert "flyt train --upstream_data_dir" in report and "flyt eval --model" in report
+
+
+def _outputs(cell) -> tuple[str, int]:
+    """All text a code cell showed (streams, plain and HTML results) and how many images it drew."""
+    texts, images = [], 0
+    for out in cell.get("outputs", []):
+        if out["output_type"] == "stream":
+            texts.append(out["text"])
+        data = out.get("data", {})
+        texts += [data.get("text/plain", ""), data.get("text/html", "")]
+        images += "image/png" in data
+    return "\n".join(texts), images
+
+
+def test_examples_notebook_runs_on_the_quick_demo(quick_demo, tmp_path, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+
+    stored = nbformat.read(NOTEBOOK, as_version=4)
+    code_cells = [cell for cell in stored.cells if cell.cell_type == "code"]
+    assert stored.cells[0].cell_type == "markdown" and "flyt demo" in stored.cells[0].source
+    assert all(not cell.outputs and cell.execution_count is None for cell in code_cells), \
+        "examples.ipynb must be stored without outputs"
+
+    monkeypatch.setenv("FLYT_DEMO_DIR", str(quick_demo))
+    # the kernel imports the same flyt as this process, however it was installed
+    path = [str(Path(flyt.__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in path if p))
+    monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    client = nbclient.NotebookClient(stored, kernel_name="python3", timeout=600, startup_timeout=180,
+                                     resources={"metadata": {"path": str(tmp_path)}})
+    ran = client.execute()  # raises CellExecutionError, with the failing cell and traceback, on any error
+
+    shown = [_outputs(cell) for cell in ran.cells if cell.cell_type == "code"]
+    text = "\n".join(t for t, _ in shown)
+    assert "Traceback" not in text
+    fields = json.loads((quick_demo / "runs" / "mflyt" / "config.json").read_text())["parquet_fields"]
+    weights_cell = next(t for t, _ in shown if "(bias)" in t)
+    for field in fields:
+        assert field in weights_cell
+    for expected in ("mflyt", "flyt-tiny", "SCS (penalty", "HCS (cap", "clean share", "acc1",
+                     "mean_per_class_recall", "mean per-class recall"):
+        assert expected in text
+    assert sum(n for _, n in shown) >= 4  # weights, score histograms, sample counts, per-class recall
