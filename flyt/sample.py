@@ -310,7 +310,8 @@ def read_scores(path: str, column: str) -> tuple[np.ndarray, np.ndarray]:
     non-finite scores, an empty pool.
     """
     if os.path.isdir(path):
-        files = sorted(str(file) for file in Path(path).rglob("*.parquet") if not file.name.startswith("."))
+        files = sorted(str(file) for file in Path(path).rglob("*.parquet")  # hidden files/folders: partial work
+                       if not any(part.startswith(".") for part in file.relative_to(path).parts))
         if not files:
             raise FlytError(f"--scores {path}: no .parquet files in this folder")
     elif os.path.exists(path):
