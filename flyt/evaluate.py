@@ -149,6 +149,10 @@ class Metrics:
         out["mean_per_class_recall"] = float((self.correct1[present].double() / self.count[present]).mean())
         return out
 
+    def per_class_recall(self) -> list[float | None]:
+        """Top-1 recall of each class, None for a class with no test sample."""
+        return [float(c) / int(n) if n else None for c, n in zip(self.correct1, self.count)]
+
 
 def classification_metrics(logits, labels, num_classes: int | None = None) -> dict:
     """acc1, acc5 (when there are >= 5 classes) and mean per-class recall of one (N, C) logits matrix."""
@@ -217,7 +221,8 @@ def evaluate(model, preprocess: Callable, tokenizer: Callable, task, batch_size:
     be given precomputed (see :func:`zero_shot_classifier`). The model is put in eval mode for the call
     and restored afterwards.
 
-    Returns ``{"dataset", "metrics": {"acc1", ["acc5",] "mean_per_class_recall"}, "num_samples", "skipped"}``.
+    Returns ``{"dataset", "metrics": {"acc1", ["acc5",] "mean_per_class_recall"}, "per_class_recall",
+    "num_samples", "skipped"}``; ``per_class_recall`` follows ``task.classnames`` (None: no test sample).
     """
     import torch
     from tqdm import tqdm
@@ -265,8 +270,8 @@ def evaluate(model, preprocess: Callable, tokenizer: Callable, task, batch_size:
     n_skipped = sum(sum(c.values()) for c in skipped.values())
     if metrics.num_samples == 0:
         raise FlytError(f"task {task.name!r}: no usable test sample in {task.test_dir} ({n_skipped} skipped)")
-    return {"dataset": task.name, "metrics": metrics.result(), "num_samples": metrics.num_samples,
-            "skipped": n_skipped}
+    return {"dataset": task.name, "metrics": metrics.result(), "per_class_recall": metrics.per_class_recall(),
+            "num_samples": metrics.num_samples, "skipped": n_skipped}
 
 
 # ------------------------------------------------------------------------------------------------- CLI

@@ -110,6 +110,7 @@ def test_permuted_model_exact_accuracy(colour_task):
     assert result["metrics"]["acc1"] == pytest.approx(8 / 20)
     assert result["metrics"]["acc5"] == 1.0  # the true class is always the runner-up
     assert result["metrics"]["mean_per_class_recall"] == pytest.approx(6 / 10)  # classes 3..8 perfect, 4 at zero
+    assert result["per_class_recall"] == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0]
 
 
 def test_worker_split_gives_the_same_metrics(colour_task):
