@@ -1,7 +1,8 @@
 """``flyt demo --quick`` runs the whole pipeline end to end and writes a complete report, and
 ``examples.ipynb`` runs top to bottom on what it wrote.
 
-The demo takes minutes on a CPU, so it runs once per module and both tests read its folder.
+The demo takes minutes on a CPU, so it runs once per module and both tests read its folder. Its
+side-by-side steps report a failure by command and log file.
 """
 
 from __future__ import annotations
@@ -10,11 +11,14 @@ import json
 import os
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 import flyt
 from flyt.cli import main as cli
+from flyt.demo import Pipeline
 from flyt.demo_report import SECTIONS
+from flyt.errors import FlytError
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "examples.ipynb"
@@ -32,7 +36,8 @@ def test_quick_demo_writes_every_report_section(quick_demo):
     report = (quick_demo / "report" / "report.md").read_text()
     for section in SECTIONS:
         assert section in report
-    for method in ("no filter", "random", "CLIP-score top-k", "FLYT + SCS", "M-FLYT + SCS"):
+    for method in ("no filter", "random", "CLIP-score top-k", "FLYT + SCS", "M-FLYT + SCS", "M-FLYT + top-k",
+                   "oracle: clean first"):
         assert f"| {method} |" in report
     for plot in ("score_histograms.png", "selection_by_kind.png", "training_curves.png"):
         assert (quick_demo / "report" / plot).stat().st_size > 1000
@@ -81,3 +86,16 @@ def test_examples_notebook_runs_on_the_quick_demo(quick_demo, tmp_path, monkeypa
                      "mean_per_class_recall", "mean per-class recall"):
         assert expected in text
     assert sum(n for _, n in shown) >= 4  # weights, score histograms, sample counts, per-class recall
+
+
+def test_a_failing_parallel_step_names_its_command_and_log(tmp_path):
+    pd.DataFrame({"uid": ["0" * 31 + "1", "0" * 31 + "2"], "score": [1.0, 2.0]}).to_parquet(tmp_path / "scores.parquet")
+    missing = tmp_path / "missing.parquet"
+    topk = ["--method", "topk", "--fraction", "1"]
+    step = Pipeline(tmp_path, jobs=2)
+    with pytest.raises(FlytError, match=r"flyt sample --scores .*missing\.parquet.*\(log: .*bad\.log\)"):
+        step.parallel({"good": [["sample", "--scores", tmp_path / "scores.parquet", *topk, "--output", tmp_path / "all.npy"]],
+                       "bad": [["sample", "--scores", missing, *topk, "--output", tmp_path / "x.npy"]]}, "testing")
+    assert (tmp_path / "all.npy").is_file()  # the other lane still finished its work
+    assert f"--scores {missing}: no such file or folder" in (tmp_path / "logs" / "bad.log").read_text()
+    assert [c.split()[:2] for c in step.commands] == [["flyt", "sample"]] * 2  # both recorded for the report
