@@ -9,6 +9,7 @@ resuming need) and ``epoch_<n>.pt`` / ``epoch_latest.pt`` for the reference mode
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -87,9 +88,19 @@ def load_scorer(path: str | Path, model: str | None = None, fields: list[str] | 
     state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
     meta = ckpt.get("flyt")
     spec = ScorerSpec.from_dict(meta["scorer"]) if meta else infer_spec(state_dict, model, fields)
-    scorer = build_scorer(spec, device=device, precision=precision)
+    quiet = _NotRandomlyInitialised()  # OpenCLIP's warning would be wrong: the weights come next
+    logging.getLogger().addFilter(quiet)
+    try:
+        scorer = build_scorer(spec, device=device, precision=precision)
+    finally:
+        logging.getLogger().removeFilter(quiet)
     try:
         scorer.load_state_dict(state_dict)
     except RuntimeError as exc:
         raise FlytError(f"{path} does not fit a {spec.mode} scorer of model {spec.model}: {str(exc).splitlines()[0]}") from None
     return scorer.eval(), spec
+
+
+class _NotRandomlyInitialised(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Model initialized randomly" not in record.getMessage()

@@ -48,14 +48,16 @@ def _assert_same(a: dict, b: dict) -> None:
 
 
 @pytest.mark.parametrize("mode", ["flyt", "mflyt"])
-def test_same_seed_same_checkpoints_and_rebuildable(pool, tmp_path, mode):
+def test_same_seed_same_checkpoints_and_rebuildable(pool, tmp_path, mode, caplog):
     extra = _mflyt(pool) if mode == "mflyt" else ["--cos_sim_init"]
     for out in ("a", "b"):
         assert cli(_args(pool, tmp_path / out, "--n_iterations", "3", *extra)) == 0
     a, b = _checkpoints(tmp_path / "a"), _checkpoints(tmp_path / "b")
     assert set(a) == {"epoch_1.pt", "epoch_latest.pt", "scoring_epoch_1.pt", "scoring_epoch_latest.pt"}
     _assert_same(a, b)
+    caplog.clear()
     scorer, spec = load_scorer(tmp_path / "a" / "run" / "checkpoints" / "scoring_epoch_latest.pt")
+    assert not [r for r in caplog.records if "initialized randomly" in r.getMessage()]  # its weights are loaded
     assert spec.mode == mode
     assert a["scoring_epoch_1.pt"]["flyt"]["step"] == 3
     if mode == "mflyt":
