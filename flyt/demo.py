@@ -164,7 +164,10 @@ def run(args: argparse.Namespace) -> int:
 
     from flyt import toydata
     from flyt.demo_report import write_report
+    from flyt.errors import FlytError
 
+    if args.jobs < 1 or args.seed < 0:  # before any work: both are only used minutes in
+        raise FlytError(f"--jobs must be >= 1 and --seed >= 0 (got {args.jobs}, {args.seed})")
     plan = PLANS["quick" if args.quick else "full"]
     root = Path(args.output_dir)
     data, runs = root / "data", root / "runs"

@@ -99,3 +99,11 @@ def test_a_failing_parallel_step_names_its_command_and_log(tmp_path):
     assert (tmp_path / "all.npy").is_file()  # the other lane still finished its work
     assert f"--scores {missing}: no such file or folder" in (tmp_path / "logs" / "bad.log").read_text()
     assert [c.split()[:2] for c in step.commands] == [["flyt", "sample"]] * 2  # both recorded for the report
+
+
+@pytest.mark.parametrize("flags", [["--jobs", "0"], ["--seed", "-1"]])
+def test_bad_flags_fail_in_one_line_before_any_work(tmp_path, capsys, flags):
+    assert cli(["demo", "--output_dir", str(tmp_path / "out"), *flags]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("flyt demo: error: ") and flags[0] in err[0]
+    assert not (tmp_path / "out").exists()
