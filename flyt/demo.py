@@ -50,8 +50,9 @@ class Pipeline:
     """Runs subcommands, recording each command line for the report.
 
     ``__call__`` runs one step in this process. ``parallel`` runs independent steps in ``jobs`` spawned
-    lanes of one thread each: on a few CPU cores, two one-thread trainings of a tiny model finish far
-    sooner than the same two one after the other on all cores. A lane's console output goes to a log
+    lanes, each pinned to its share of the cores (``cpu_count // jobs`` threads; one each on 2 cores): two
+    one-thread trainings of a tiny model finish far sooner than the same two one after the other on all
+    cores, and unpinned lanes' threads contend. A lane's console output goes to a log
     file per step, and a failed step names its log.
     """
 
