@@ -178,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"flyt demo: building a pool of {plan.pool} digit image-caption pairs ({1 - sum(CORRUPTION.values()):.0%} clean)")
     truth = toydata.write_pool(data / "pool", plan.pool, plan.shards, seed, corruption=CORRUPTION, n_broken=5)
-    task = toydata.write_task(data / "tasks", name="digits", seed=seed, layout="simple")
+    task = toydata.write_task(data / "tasks", name="wds_digits_test", seed=seed, layout="simple")  # clip_benchmark's name
     truth.to_parquet(data / "truth.parquet")
 
     # 1. the base CLIP, pretrained on the raw pool: reference and scoring base of FLYT. One process decodes

@@ -58,10 +58,10 @@ def resolve_eval_task(token: str, eval_dir: str | Path | None = None):
     """The evaluation side of a task: class names, templates and ``test_dir`` (``train_dir`` stays None).
 
     Lookup order: an original name with ``eval_dir`` -> ``eval_dir/<its wds_..._test folder>``; a folder
-    ``eval_dir/<token>`` holding the text files; ``token`` itself as a folder path. The task is named
+    ``eval_dir/<token>`` (or ``eval_dir/wds_<token>_test``) holding the text files; ``token`` itself as a folder path. The task is named
     ``token`` as given (it is the ``dataset`` of the results file).
     """
-    from flyt.data.tasks import CLASSNAMES, ORIGINAL_TASKS, TEMPLATES, Task, read_text_files
+    from flyt.data.tasks import CLASSNAMES, ORIGINAL_TASKS, TEMPLATES, Task, read_text_files, task_folder
 
     root = Path(eval_dir) if eval_dir else None
     if root is not None and not root.is_dir():
@@ -71,8 +71,8 @@ def resolve_eval_task(token: str, eval_dir: str | Path | None = None):
         if not folder.is_dir():
             raise FlytError(f"task {token!r}: no folder {folder} (the DataComp eval folder {ORIGINAL_TASKS[token][1]}/ "
                             f"under --eval_dir)")
-    elif root is not None and (root / token / CLASSNAMES).is_file():
-        folder = root / token
+    elif root is not None and task_folder(root, token) is not None:
+        folder = task_folder(root, token)
     elif Path(token).is_dir():
         folder = Path(token)
     elif token in ORIGINAL_TASKS:

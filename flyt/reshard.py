@@ -9,7 +9,8 @@ atomically and skipped when it already exists:
    A shard whose ``NNNNNNNN.parquet`` lists no selected uid is not opened at all.
 2. write: the occurrences are laid out in input order (shard, then position; repeats adjacent) or in a
    seeded permutation (``--shuffle_seed``), cut into ``--shard_size`` pieces, and each output shard
-   copies its samples' member bytes from the pool, plus a ``NNNNNNNN.parquet`` of its ``uid, key``.
+   copies its samples' member bytes from the pool, plus img2dataset's ``NNNNNNNN.parquet`` (``uid``,
+   ``key``: the json's pool key) and ``NNNNNNNN_stats.json``, which DataComp's resharder reads.
 
 Recording byte ranges rather than copying samples into intermediate tars keeps the work folder at
 32 bytes per selected sample and reads every image once. ``meta.json`` (DataComp resharder fields,
@@ -17,7 +18,8 @@ plus counts and the fingerprints that stop two subsets from mixing in one folder
 its presence means the output is complete, and ``.work`` is then removed.
 
 Keys: the first copy of a sample keeps its pool key (so ``key[:8]`` still names its pool shard), copy
-r > 0 is ``KEY_r``; members are renamed accordingly, their bytes (the json's uid included) unchanged.
+r > 0 is ``KEY_r``; members are renamed accordingly, their bytes (the json's uid and key included)
+unchanged, so ``json["key"]`` still names the pool sample (M-FLYT input scores are found by it).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import json
 import os
 import shutil
 import tarfile
+import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
@@ -273,9 +276,14 @@ def _samples(tar: tarfile.TarFile):
     return itertools.groupby((m for m in tar if m.isfile()), key=lambda m: _split_name(m.name)[0])
 
 
-def _sample_uid(tar: tarfile.TarFile, members: list[tarfile.TarInfo]) -> bytes | None:
+def _sample_json(tar: tarfile.TarFile, members: list[tarfile.TarInfo]) -> bytes | None:
     member = next((m for m in members if _split_name(m.name)[1] == "json"), None)
-    return None if member is None else _json_uid(tar.extractfile(member).read())
+    return None if member is None else tar.extractfile(member).read()
+
+
+def _sample_uid(tar: tarfile.TarFile, members: list[tarfile.TarInfo]) -> bytes | None:
+    data = _sample_json(tar, members)
+    return None if data is None else _json_uid(data)
 
 
 # ---------------------------------------------------------------------------------------------- phase 1
@@ -354,9 +362,17 @@ def _first_occurrences(index: np.ndarray) -> tuple[np.ndarray, int]:
 # ---------------------------------------------------------------------------------------------- phase 2
 
 
-def _output_paths(out: str | Path, j: int) -> tuple[Path, Path]:
+def _output_paths(out: str | Path, j: int) -> tuple[Path, Path, Path]:
+    """The tar and the two files img2dataset writes beside it: metadata parquet and stats json."""
     tar = Path(out) / OUTPUT_SHARD_FORMAT.format(j)
-    return tar, tar.with_suffix(".parquet")
+    return tar, tar.with_suffix(".parquet"), tar.with_name(f"{tar.stem}_stats.json")
+
+
+def shard_stats(count: int, start_time: float, end_time: float) -> dict:
+    """img2dataset's ``NNNNNNNN_stats.json`` of a shard whose ``count`` samples all succeeded."""
+    return {"count": count, "successes": count, "failed_to_download": 0, "failed_to_resize": 0,
+            "duration": end_time - start_time, "start_time": start_time, "end_time": end_time,
+            "status_dict": {"success": count} if count else {}}
 
 
 def _write_output_shard(j: int) -> None:
@@ -370,19 +386,24 @@ def _write_output_shard(j: int) -> None:
     copy = occurrence - (st["ends"][sample] - st["copies"][sample])
     rows = st["index"][sample]
     uids = _hex(rows["uid"])
-    tar_path, parquet_path = _output_paths(st["out"], j)
-    keys, handles = [], {}
+    tar_path, parquet_path, stats_path = _output_paths(st["out"], j)
+    started = time.time()
+    keys, pool_keys, handles = [], [], {}
     try:
         with atomic_path(tar_path) as tmp, tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as out:
             for row, r, uid in zip(rows, copy.tolist(), uids):
                 source = st["shards"][row["shard"]]
                 raw = _read_range(handles, source, int(row["start"]), int(row["length"]))
-                keys.append(_copy_sample(raw, out, r, uid, source))
+                key, pool_key = _copy_sample(raw, out, r, uid, source)
+                keys.append(key)
+                pool_keys.append(pool_key)
     finally:
         for handle in handles.values():
             handle.close()
-    with atomic_path(parquet_path) as tmp:  # written last: its presence marks the shard as done
-        pq.write_table(pa.table({"uid": uids, "key": keys}), tmp)
+    with atomic_path(stats_path) as tmp:
+        tmp.write_text(json.dumps(shard_stats(len(keys), started, time.time()), indent=4))
+    with atomic_path(parquet_path) as tmp:  # like img2dataset's: the json's key, which names the pool sample
+        pq.write_table(pa.table({"uid": uids, "key": pool_keys}), tmp)
 
 
 def _read_range(handles: dict, path: str, start: int, length: int) -> bytes:
@@ -397,12 +418,16 @@ def _read_range(handles: dict, path: str, start: int, length: int) -> bytes:
     return data
 
 
-def _copy_sample(raw: bytes, out: tarfile.TarFile, copy: int, uid: str, source: str) -> str:
-    """Append one sample (its members' bytes as they are) under its key, ``_<copy>`` added for copies >= 1."""
+def _copy_sample(raw: bytes, out: tarfile.TarFile, copy: int, uid: str, source: str) -> tuple[str, str]:
+    """Append one sample (its members' bytes as they are) under its key, ``_<copy>`` added for copies >= 1;
+    returns (its new member key, its pool key: the json's ``key``, else the key it had in the pool)."""
+    from flyt.data.samples import pool_key
+
     try:
         with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tar:
             [(key, group)] = [(k, list(g)) for k, g in _samples(tar)]
-            found = _sample_uid(tar, group)
+            data = _sample_json(tar, group)
+            found = None if data is None else _json_uid(data)
             if found is None or found.hex() != uid:
                 raise ValueError(f"expected uid {uid}")
             name = key if copy == 0 else f"{key}_{copy}"
@@ -414,7 +439,7 @@ def _copy_sample(raw: bytes, out: tarfile.TarFile, copy: int, uid: str, source: 
         raise FlytError(
             f"{source}: changed since it was scanned ({exc}); delete the --output folder and rerun"
         ) from None
-    return name
+    return name, pool_key(json.loads(data), key)
 
 
 # ---------------------------------------------------------------------------------------------- processes

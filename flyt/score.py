@@ -1,6 +1,10 @@
 """``flyt score``: run a trained scoring model over a whole pool, one score per uid (DESIGN.md §6).
 
-Every sample of the pool is read exactly once (no resampling). The output is a folder with one parquet
+Every sample of the pool is read exactly once (no resampling). A uid held several times (the repeats
+of a resharded subset) is written once, by the first shard in sorted order that holds it; the other
+copies count as skipped ``repeated_uid``, so ``flyt sample`` takes the output as it is.
+
+The output is a folder with one parquet
 file per pool shard (columns ``uid``, ``score`` float32, ``key``), named after the shard, so the scores
 of a huge pool stay shardable; ``--output x.parquet`` merges them into one file at the end (the parts
 live in the hidden folder ``.x.parquet.parts`` beside it).
@@ -9,7 +13,8 @@ Two paths:
 
 * **M-FLYT** (a mixing model over input scores) needs no images. Per pool shard the sample ids come from
   the metadata parquet beside the ``.tar`` (``uid``, ``key``; rows whose ``status`` is not ``success`` are
-  not in the shard) or, without one, from the tar's ``.json`` members; their input scores are joined from
+  not in the shard) or, without one, from the tar's ``.json`` members (their ``key``, which resharders
+  keep while they rename the members); their input scores are joined from
   ``PARQUET_DIR/<key[:8]>_scores.parquet`` (on ``key``, or ``uid`` if the file has no key) or, when no such
   files exist, from an index of every parquet file of ``PARQUET_DIR`` built once. The mixer is one
   float64 matrix-vector product computed with numpy from the checkpoint's weight and bias.
@@ -468,7 +473,9 @@ def iter_tar(path: Path, only: tuple[str, ...] | None = None):
 
 
 def shard_ids(shard: Shard) -> tuple[object, object, Counter]:
-    """(uids, keys, skipped) of a pool shard, from its metadata parquet or else the tar's .json members."""
+    """(uids, keys, skipped) of a pool shard, from its metadata parquet or else the tar's .json members.
+
+    The keys are pool keys: the json's ``key`` where it has one, since resharders rename tar members."""
     import json as json_mod
 
     import pyarrow as pa
@@ -484,14 +491,17 @@ def shard_ids(shard: Shard) -> tuple[object, object, Counter]:
         uids, keys = table["uid"], table["key"]
     else:
         uid_list, key_list = [], []
+        from flyt.data.samples import pool_key
+
         for raw in iter_tar(shard.path, only=("json",)):
             try:
-                uid = str(json_mod.loads(raw["json"])["uid"])
+                meta = json_mod.loads(raw["json"])
+                uid = str(meta["uid"])
             except Exception:
                 skipped["missing_uid"] += 1
                 continue
             uid_list.append(uid)
-            key_list.append(raw["__key__"])
+            key_list.append(pool_key(meta, raw["__key__"]))
         uids, keys = pa.array(uid_list, pa.string()), pa.array(key_list, pa.string())
     uids, ok = valid_uids(uids)
     keys = _strings(keys)
@@ -504,6 +514,51 @@ def shard_ids(shard: Shard) -> tuple[object, object, Counter]:
         has_key = pc.invert(pc.is_null(keys))
         uids, keys = uids.filter(has_key), keys.filter(has_key)
     return uids, keys, skipped
+
+
+def repeats_of_earlier_shards(shards: list[Shard]) -> dict[str, object]:
+    """Per shard name, the sorted ``u8,u8`` uids it shares with an earlier shard of the sorted list.
+
+    A resharded subset holds a uid once per repeat, possibly in several shards; its score is written
+    once, by the first shard. Every job computes the same answer from the ids alone, so split jobs agree.
+    A shard whose ids cannot be read is left out here (its own scoring reports it).
+    """
+    import numpy as np
+
+    from flyt.subset import UID_DTYPE, uids_to_array
+
+    codes, owners = [np.zeros(0, UID_DTYPE)], [np.zeros(0, np.int64)]
+    for j, shard in enumerate(shards):
+        try:
+            uids = uids_to_array(shard_ids(shard)[0])
+        except Exception:
+            continue
+        codes.append(uids)
+        owners.append(np.full(len(uids), j))
+    codes, owners = np.concatenate(codes), np.concatenate(owners)
+    order = np.argsort(codes, kind="stable")  # by uid, then by shard: the first of a run is the owner
+    codes, owners = codes[order], owners[order]
+    starts = np.ones(len(codes), bool)
+    starts[1:] = codes[1:] != codes[:-1]
+    owner = owners[np.flatnonzero(starts)[np.cumsum(starts) - 1]]
+    later = owners != owner
+    return {shards[j].name: np.unique(codes[later & (owners == j)]) for j in np.unique(owners[later]).tolist()}
+
+
+def first_copies(uids, taken) -> object:
+    """Mask of the samples that keep their uid: its first occurrence in the shard, unless ``taken`` (the
+    uids an earlier shard holds, sorted ``u8,u8``) has it."""
+    import numpy as np
+
+    from flyt.subset import uids_to_array
+
+    codes = uids_to_array(uids)
+    keep = np.zeros(len(codes), bool)
+    keep[np.unique(codes, return_index=True)[1]] = True
+    if taken is not None and len(taken):
+        pos = np.minimum(np.searchsorted(taken, codes), len(taken) - 1)
+        keep &= taken[pos] != codes
+    return keep
 
 
 def _mixed(table, fields, weight, bias):
@@ -613,8 +668,9 @@ class MixerScores:
         return out, found
 
 
-def _mflyt_shard(shard: Shard, output: Output, mixer: MixerScores) -> tuple:
-    """Score one shard and write its file; (scored, skipped, timings) or, if it cannot be read, the error."""
+def _mflyt_shard(shard: Shard, output: Output, mixer: MixerScores, taken=None) -> tuple:
+    """Score one shard and write its file; (scored, skipped, timings) or, if it cannot be read, the error.
+    ``taken``: the uids an earlier shard scores (see :func:`repeats_of_earlier_shards`)."""
     import numpy as np
     import pyarrow as pa
 
@@ -622,6 +678,10 @@ def _mflyt_shard(shard: Shard, output: Output, mixer: MixerScores) -> tuple:
     try:
         started = time.perf_counter()
         uids, keys, skipped = shard_ids(shard)
+        first = first_copies(uids, taken)
+        if not first.all():
+            skipped["repeated_uid"] += int((~first).sum())
+            uids, keys = uids.filter(pa.array(first)), keys.filter(pa.array(first))
         timings["read_s"] += time.perf_counter() - started
         scores, found = mixer.shard_scores(uids, keys, timings)
     except Exception as exc:  # an unreadable shard or score file: the others still get scored
@@ -643,7 +703,8 @@ def _mflyt_shard(shard: Shard, output: Output, mixer: MixerScores) -> tuple:
     return len(scores), skipped, timings
 
 
-def score_mflyt(shards: list[Shard], output: Output, mixer: MixerScores, report: Report, bar, workers: int) -> None:
+def score_mflyt(shards: list[Shard], output: Output, mixer: MixerScores, report: Report, bar, workers: int,
+                taken: dict) -> None:
     """Shard by shard, or ``workers`` shards at a time in threads (pyarrow and numpy release the GIL)."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -658,10 +719,10 @@ def score_mflyt(shards: list[Shard], output: Output, mixer: MixerScores, report:
 
     if workers <= 1 or len(shards) <= 1:
         for shard in shards:
-            record(shard, _mflyt_shard(shard, output, mixer))
+            record(shard, _mflyt_shard(shard, output, mixer, taken.get(shard.name)))
         return
     with ThreadPoolExecutor(min(workers, len(shards)), thread_name_prefix="flyt-score") as pool:
-        for shard, result in zip(shards, pool.map(lambda s: _mflyt_shard(s, output, mixer), shards)):
+        for shard, result in zip(shards, pool.map(lambda s: _mflyt_shard(s, output, mixer, taken.get(s.name)), shards)):
             record(shard, result)
 
 
@@ -751,7 +812,7 @@ def forward_scores(model, image, text, device, precision: str):
     return out.float().cpu().numpy()
 
 
-def score_flyt(shards: list[Shard], output: Output, model, spec, args, device, report: Report, bar) -> None:
+def score_flyt(shards: list[Shard], output: Output, model, spec, args, device, report: Report, bar, taken: dict) -> None:
     import torch
 
     if not shards:
@@ -766,7 +827,7 @@ def score_flyt(shards: list[Shard], output: Output, model, spec, args, device, r
     if device.type == "cpu" and workers:  # the loader's processes need cores too: do not oversubscribe them
         torch.set_num_threads(max(1, min(threads, _cpu_count() - workers)))
     try:
-        _flyt_loop(loader, shards, output, model, args, device, report, bar)
+        _flyt_loop(loader, shards, output, model, args, device, report, bar, taken)
     finally:
         torch.set_num_threads(threads)
 
@@ -778,7 +839,8 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def _flyt_loop(loader, shards: list[Shard], output: Output, model, args, device, report: Report, bar) -> None:
+def _flyt_loop(loader, shards: list[Shard], output: Output, model, args, device, report: Report, bar,
+               taken: dict) -> None:
     import numpy as np
 
     partial: dict[int, list] = defaultdict(list)
@@ -805,12 +867,15 @@ def _flyt_loop(loader, shards: list[Shard], output: Output, model, args, device,
             keys = [k for p in parts for k in p[1]]
             scores = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, np.float32)
             skipped = Counter(item["skipped"])
+            first = first_copies(uids, taken.get(shard.name))
+            skipped["repeated_uid"] += int((~first).sum())
             finite = np.isfinite(scores)
-            if not finite.all():
-                skipped["nonfinite_score"] += int((~finite).sum())
-                uids = [u for u, f in zip(uids, finite) if f]
-                keys = [k for k, f in zip(keys, finite) if f]
-                scores = scores[finite]
+            skipped["nonfinite_score"] += int((first & ~finite).sum())
+            keep = first & finite
+            if not keep.all():
+                uids = [u for u, f in zip(uids, keep) if f]
+                keys = [k for k, f in zip(keys, keep) if f]
+                scores = scores[keep]
             write_shard(output.part(shard), uids, keys, scores, report.shard_done(shard, len(scores), +skipped))
             report.timings["write_s"] += time.perf_counter() - started
         waited = time.perf_counter()
@@ -925,13 +990,14 @@ def run(args: argparse.Namespace) -> int:
     for shard in pending:
         remove_stale_temporaries(output.part(shard))
     total = _expected_samples(pending)
+    taken = repeats_of_earlier_shards(shards[: shards.index(pending[-1]) + 1]) if pending else {}
     scoring_started = time.perf_counter()
     with tqdm(total=total, desc=f"flyt score ({spec.mode})", unit="sample", unit_scale=True, mininterval=1.0,
               file=sys.stderr) as bar:
         if mixer is not None:
-            score_mflyt(pending, output, mixer, report, bar, args.workers)
+            score_mflyt(pending, output, mixer, report, bar, args.workers, taken)
         else:
-            score_flyt(pending, output, model, spec, args, device, report, bar)
+            score_flyt(pending, output, model, spec, args, device, report, bar, taken)
     report.timings["scoring_s"] = time.perf_counter() - scoring_started
     summary = _summarise(report, output, mine, spec, args, job, jobs, time.perf_counter() - started)
     if output.merged:

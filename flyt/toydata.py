@@ -28,6 +28,7 @@ from PIL import Image
 
 from flyt.atomic import atomic_path
 from flyt.data.tasks import CLASSNAMES, ORIGINAL_TASKS, TEMPLATES
+from flyt.reshard import shard_stats
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 CORRUPTIONS = ("wrong_caption", "unrelated_caption", "noise_image", "near_duplicate")
@@ -186,7 +187,8 @@ def write_pool(out_dir, n_samples: int, n_shards: int = 4, seed: int = 0, image_
                corruption: Mapping[str, float] | None = None, n_broken: int = 0, image_format: str = "jpg",
                digits: Iterable[int] | None = None, split: str | Sequence[int] | None = "pool",
                augment: bool = True) -> pd.DataFrame:
-    """Write an upstream pool (tar shards + metadata parquets) and return its ground truth, one row per sample.
+    """Write an upstream pool as img2dataset lays it out (per shard ``NNNNNNNN.tar``, ``NNNNNNNN.parquet``,
+    ``NNNNNNNN_stats.json``) and return its ground truth, one row per sample.
 
     ``corruption`` maps a kind of :data:`CORRUPTIONS` to its fraction of ``n_samples`` (rounded);
     ``n_broken`` undecodable samples come on top. Images come from ``split`` (see :func:`split_indices`),
@@ -258,6 +260,8 @@ def write_pool(out_dir, n_samples: int, n_shards: int = 4, seed: int = 0, image_
                                "clip_l14_similarity_score"]].rename(columns={"caption": "text"})
         with atomic_path(out_dir / f"{s:08d}.parquet") as tmp:
             table.to_parquet(tmp, index=False)
+        with atomic_path(out_dir / f"{s:08d}_stats.json") as tmp:  # fixed clock: byte-reproducible pools
+            tmp.write_text(json.dumps(shard_stats(len(rows), _MTIME, _MTIME), indent=4))
     return df
 
 
@@ -331,9 +335,9 @@ def write_task(out_dir, name: str | None = None, n_train: int | None = None, n_t
 
     Labels are 0..k-1 over ``digits_subset`` (default all ten digits). ``n_train``/``n_test`` default to
     every image of ``train_split``/``test_split`` (more than that reuses images with other tints/shifts).
-    ``layout="simple"``: ``out_dir/<name>/{train/00000000.tar, test/0.tar, classnames.txt, templates}``
-    (name defaults to "digits"). ``layout="original"``: ``out_dir/downstream/<folder>/00000000.tar`` and
-    ``out_dir/eval/wds_<task>_test/{test/0.tar, text files}`` with the original folder names (name
+    ``layout="simple"``: ``out_dir/<name>/{train/00000000.tar, test/{0.tar, nshards.txt}, classnames.txt,
+    templates}`` (name defaults to "digits"; name it ``wds_<task>_test`` for clip_benchmark's layout). ``layout="original"``: ``out_dir/downstream/<folder>/00000000.tar`` and
+    ``out_dir/eval/wds_<task>_test/{test/{0.tar, nshards.txt}, text files}`` with the original folder names (name
     defaults to "mnist").
     """
     _check_format(image_format)
@@ -386,6 +390,8 @@ def write_task(out_dir, name: str | None = None, n_train: int | None = None, n_t
 
     train_shards, train_df = write_split("train", train_split, n_train, n_train_shards, train_dir, "{:08d}.tar", 7)
     test_shards, test_df = write_split("test", test_split, n_test, n_test_shards, eval_dir / "test", "{}.tar", 8)
+    with atomic_path(eval_dir / "test" / "nshards.txt") as tmp:  # clip_benchmark's wds loader reads the count
+        tmp.write_text(f"{n_test_shards}\n")
     for filename, lines in ((CLASSNAMES, classnames), (TEMPLATES, templates)):
         with atomic_path(eval_dir / filename) as tmp:
             tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")

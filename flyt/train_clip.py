@@ -17,6 +17,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_dataclass_arguments(parser, ClipTrainConfig)
 
 
+def check_not_resharded_from(upstream_data_dir: str, subset: str) -> None:
+    """Refuse ``--subset S`` on a folder resharded from S: its repeats are already written out, so each
+    uid would be seen k*k times. Another subset on a resharded folder is allowed, with a warning."""
+    import hashlib
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    from flyt.errors import FlytError
+    from flyt.subset import load_subset
+
+    digest = None
+    for source in (Path(p) for p in upstream_data_dir.split("::") if p):
+        try:
+            meta = json.loads((source / "meta.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(meta, dict) or not ("subset_sha256" in meta or "subset_file" in meta):
+            continue
+        if "subset_sha256" in meta:
+            if digest is None:
+                digest = hashlib.sha256(np.ascontiguousarray(load_subset(subset)).view(np.uint8)).hexdigest()
+            same = meta["subset_sha256"] == digest
+        else:  # a resharder that records only the file's path
+            same = Path(str(meta["subset_file"])).resolve() == Path(subset).resolve()
+        if same:
+            raise FlytError(f"--subset {subset} is the subset {source} was resharded from (its meta.json): the folder "
+                            "already holds each selected sample as often as the subset lists it; train on it "
+                            "without --subset")
+        print(f"flyt train-clip: warning: {source} is a reshard of another subset ({meta.get('subset_file', '?')}); "
+              f"--subset {subset} selects from it, each repeat of the reshard counted again", file=sys.stderr)
+
+
 def train_clip(cfg) -> tuple[dict, dict[str, int]]:
     """Train; returns a summary and how often each uid was seen (what the subset asked for)."""
     import time
@@ -35,6 +69,8 @@ def train_clip(cfg) -> tuple[dict, dict[str, int]]:
     from flyt.optim import decays
     from flyt.precision import autocast, resolve_device
 
+    if cfg.subset:
+        check_not_resharded_from(cfg.upstream_data_dir, cfg.subset)
     device = resolve_device(cfg.device, cfg.precision)
     torch.manual_seed(cfg.seed)
     model, preprocess_train, _, tokenizer = create_clip(cfg.model, cfg.pretrained, device, cfg.precision)

@@ -107,8 +107,12 @@ def reshard(pool_dir, subset, out, *extra) -> int:
 
 
 def _files(out: Path) -> dict:
-    """Every output file's bytes, meta.json without the one field that names the folder itself."""
-    files = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != "meta.json"}
+    """Every output file's bytes, meta.json without the one field that names the folder itself, the
+    stats files without their clock readings."""
+    files = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.suffix != ".json"}
+    for path in out.glob("*_stats.json"):
+        stats = json.loads(path.read_text())
+        files[path.name] = {k: v for k, v in stats.items() if k not in ("duration", "start_time", "end_time")}
     meta = json.loads((out / "meta.json").read_text())
     del meta["output_dir"]
     return files | {"meta": meta}
@@ -139,9 +143,11 @@ def test_output_is_the_requested_multiset_byte_for_byte(pool, wanted, reference)
     total = sum(wanted.values())
     assert sizes == [SHARD_SIZE] * (total // SHARD_SIZE) + ([total % SHARD_SIZE] if total % SHARD_SIZE else [])
     assert [t.name for t in tars] == [f"{j:08d}.tar" for j in range(len(tars))]
-    for tar in tars:  # the parquet beside each shard lists what it holds
+    for tar in tars:  # the parquet beside each shard lists what it holds, by the json's (pool) key
         table = pq.read_table(tar.with_suffix(".parquet")).to_pydict()
-        assert list(zip(table["uid"], table["key"])) == [(json.loads(s["json"])["uid"], k) for k, s in _read([tar])]
+        held = [(json.loads(s["json"]), k) for k, s in _read([tar])]
+        assert list(zip(table["uid"], table["key"])) == [(j["uid"], j.get("key", re.sub(r"_\d+$", "", k)))
+                                                         for j, k in held]
 
     by_wds = [(s["__key__"], json.loads(s["json"])["uid"]) for s in wds.WebDataset([str(t) for t in tars],
                                                                                      shardshuffle=False)]

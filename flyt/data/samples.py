@@ -35,7 +35,7 @@ def _text(raw: dict, key: str = "txt") -> str | None:
 
 
 def decode_pair(raw: dict, skipped: Counter, need_image: bool = True) -> dict | None:
-    """An upstream pool sample -> {image, text, uid, key}, or None with the reason counted in ``skipped``."""
+    """An upstream pool sample -> {image, text, uid, key (its pool key)}, or None with the reason counted in ``skipped``."""
     image = _image(raw) if need_image else None
     if need_image and image is None:
         skipped["bad_image"] += 1
@@ -45,13 +45,21 @@ def decode_pair(raw: dict, skipped: Counter, need_image: bool = True) -> dict | 
         skipped["missing_caption"] += 1
         return None
     try:
-        uid = str(json.loads(raw["json"])["uid"]).lower()
+        meta = json.loads(raw["json"])
+        uid = str(meta["uid"]).lower()
     except Exception:
-        uid = ""
+        meta, uid = {}, ""
     if not UID_RE.match(uid):
         skipped["missing_uid"] += 1
         return None
-    return {"image": image, "text": text, "uid": uid, "key": raw["__key__"]}
+    return {"image": image, "text": text, "uid": uid, "key": pool_key(meta, raw["__key__"])}
+
+
+def pool_key(meta: dict, member_key: str) -> str:
+    """The img2dataset key of a sample: its json's ``key``, which resharders keep while they rename the tar
+    members (DataComp's to ``<uid>-<j>``, flyt's to ``KEY_r``); the member name when the json has none."""
+    key = meta.get("key") if isinstance(meta, dict) else None
+    return key if isinstance(key, str) and key else member_key
 
 
 def decode_labelled(raw: dict, skipped: Counter, need_text: bool = False) -> dict | None:

@@ -74,14 +74,26 @@ def read_text_files(folder: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return classnames, templates
 
 
+def task_folder(root: Path, token: str) -> Path | None:
+    """``root/token`` or DataComp's ``root/wds_<token>_test``, whichever holds the class names."""
+    return next((f for f in (root / token, root / f"wds_{token}_test") if (f / CLASSNAMES).is_file()), None)
+
+
+def task_name(folder: Path) -> str:
+    """A task folder's name, DataComp's ``wds_<task>_test`` read as ``<task>``."""
+    name = folder.name
+    return name[4:-5] if name.startswith("wds_") and name.endswith("_test") and len(name) > 9 else name
+
+
 def resolve_task(token: str, downstream_data_dir: str | None = None, datacomp_eval_dir: str | None = None) -> Task:
     """A task from an original name (with the two root folders) or a self-describing folder.
 
-    A name is looked up first as a folder of the simple layout under ``downstream_data_dir``, then in
-    the original table; anything else must be a path to a task folder.
+    A name is looked up first as a folder of the simple layout under ``downstream_data_dir`` (``<name>``
+    or ``wds_<name>_test``), then in the original table; anything else must be a path to a task folder.
     """
-    if downstream_data_dir and (Path(downstream_data_dir) / token / CLASSNAMES).exists():
-        return _simple_task(Path(downstream_data_dir) / token)
+    folder = task_folder(Path(downstream_data_dir), token) if downstream_data_dir else None
+    if folder is not None:
+        return _simple_task(folder)
     if token in ORIGINAL_TASKS and (downstream_data_dir or datacomp_eval_dir):
         train_folder, eval_folder = ORIGINAL_TASKS[token]
         if not datacomp_eval_dir:
@@ -101,7 +113,7 @@ def resolve_task(token: str, downstream_data_dir: str | None = None, datacomp_ev
 def _simple_task(folder: Path) -> Task:
     classnames, templates = read_text_files(folder)
     train = folder / "train" if (folder / "train").is_dir() else folder
-    return Task(folder.name, classnames, templates, train, folder / "test")
+    return Task(task_name(folder), classnames, templates, train, folder / "test")
 
 
 def parse_task_names(spec: str, downstream_data_dir: str | None, datacomp_eval_dir: str | None) -> list[Task]:
