@@ -98,9 +98,9 @@ def sample(scores, out, *flags):
 
 @pytest.mark.parametrize("method, extra", [("scs", []), ("hcs", []), ("scs", ["--sampling_batch_size", 300])])
 def test_temperature_one_gives_todays_subsets_exactly(tmp_path, scores, method, extra):
-    """Mutations caught: the race seeing the logits shifted by their maximum when a temperature is given
-    (``tempered`` returning ``(logits - logits.max()) / temperature``): T = 1 no longer matches bitwise;
-    ``_select`` passing the raw scores to the batched sampler: its T = 0.3 subset equals today's."""
+    """Mutations caught: ``_select`` seeding its generator with ``[seed, 1]`` whenever a temperature is
+    given (T = 1 no longer matches bitwise); ``_select`` passing the raw scores to the batched sampler (its
+    T = 0.3 subset equals today's)."""
     flags = ["--method", method, "--total_size", 3000, "--seed", 4, *extra]
     assert sample(scores, tmp_path / "a.npy", *flags) == 0
     assert sample(scores, tmp_path / "b.npy", *flags, "--temperature", 1) == 0
