@@ -91,6 +91,7 @@ def temperature_for_unique_fraction(
         kept = side
     return math.exp(0.5 * (ends[0][0] + ends[1][0]))
 
+
 def _sample(logits: np.ndarray) -> np.ndarray:
     """An evenly spaced sample: the pool is in uid order, unrelated to the scores, so it is a random one."""
     return np.asarray(logits[:: max(1, logits.size // _SAMPLE)], dtype=np.float64)
@@ -188,12 +189,20 @@ def _scs_table(grid: np.ndarray, penalty: float) -> np.ndarray:
 
 
 def _poisson_cdf(x: np.ndarray, k_max: float) -> np.ndarray:
-    """P(N <= k_max) for N ~ Poisson(x), summing the probabilities in log space."""
+    """P(N <= k_max) for N ~ Poisson(x), summing the probabilities in log space where it is neither 0 nor 1
+    to float precision (x within 12 standard deviations and 60 of k_max), so a large cap stays cheap."""
     if k_max < 0:
         return np.zeros_like(x)
-    log_x, term = np.log(x), -x
-    total = np.exp(term)
-    for k in range(1, int(k_max) + 1):
-        term = term + log_x - math.log(k)
-        total += np.exp(term)
-    return np.minimum(total, 1.0)
+    out = (x < k_max).astype(np.float64)
+    near = np.abs(x - k_max) < 12 * math.sqrt(k_max + 1) + 60
+    if near.any():
+        x_near = x[near]
+        first = max(0, int(x_near.min() - 12 * math.sqrt(x_near.max()) - 60))  # no mass below, to float precision
+        log_x = np.log(x_near)
+        term = -x_near + first * log_x - math.lgamma(first + 1)
+        total = np.exp(term)
+        for k in range(first + 1, int(k_max) + 1):
+            term = term + log_x - math.log(k)
+            total += np.exp(term)
+        out[near] = np.minimum(total, 1.0)
+    return out
