@@ -68,7 +68,7 @@ def temperature_for_unique_fraction(
     if not low - 1e-9 <= fraction <= high + 1e-9:
         raise FlytError(
             f"a unique fraction of {fraction} is out of reach for {total} draws from these {logits.size} scores: "
-            f"temperatures give {low:.4g} (sharpest) to {high:.4g} (uniform)"
+            f"temperatures give {low:.4g} (the sharpest the sampler runs in float64) to {high:.4g} (uniform)"
         )
     if high - low < 1e-9:
         return 1.0
