@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from flyt.atomic import atomic_path
 from flyt.errors import FlytError
+from flyt.sharpness import tempered, temperature_for_unique_fraction
 from flyt.subset import array_to_uids, save_subset, sort_order, uids_to_array
 
 METHODS = ("scs", "hcs", "topk", "threshold")
@@ -32,8 +33,8 @@ DEFAULT_PENALTY = 0.15
 DEFAULT_FREQUENCY_LIMIT = 15
 # method -> (flags it needs, flags it also accepts); --seed is accepted by every method
 METHOD_FLAGS = {
-    "scs": ({"total_size", "seed"}, {"repetition_penalty", "sampling_batch_size"}),
-    "hcs": ({"total_size", "seed"}, {"frequency_limit", "sampling_batch_size"}),
+    "scs": ({"total_size", "seed"}, {"repetition_penalty", "sampling_batch_size", "temperature", "unique_fraction"}),
+    "hcs": ({"total_size", "seed"}, {"frequency_limit", "sampling_batch_size", "temperature", "unique_fraction"}),
     "topk": (set(), {"total_size", "fraction"}),
     "threshold": ({"threshold"}, set()),
 }
@@ -49,9 +50,15 @@ HISTOGRAM_BINS = ((1, 1), (2, 2), (3, 4), (5, 8), (9, 16), (17, None))
 
 
 def race_counts(
-    logits: np.ndarray, total: int, rng: np.random.Generator, penalty: float = 0.0, cap: float = math.inf
+    logits: np.ndarray,
+    total: int,
+    rng: np.random.Generator,
+    penalty: float = 0.0,
+    cap: float = math.inf,
+    temperature: float = 1.0,
 ) -> np.ndarray:
-    """Draw counts of the exact sequential sampler: SCS is (penalty, cap=inf), HCS is (penalty=0, cap).
+    """Draw counts of the exact sequential sampler: SCS is (penalty, cap=inf), HCS is (penalty=0, cap),
+    with the logits divided by ``temperature`` (below 1: sharper, repeats go to the top scores).
 
     Example i's j-th arrival (j = 0, 1, ...) follows its previous one after Exp(1) / exp(logit_i - penalty*j),
     and it has no arrivals past ``cap``. The clocks run up to a cut-off time (first guessed from the mean
@@ -59,6 +66,7 @@ def race_counts(
     """
     if total > logits.size * cap:
         raise FlytError(f"cannot draw {total} from {logits.size} examples capped at {cap} draws each")
+    logits = tempered(logits, temperature)
     # the top logit always joins the sample: an outlier missed by the guess would race far ahead of it
     sample = np.append(logits[:: max(1, logits.size // _FLUID_SAMPLE)], logits.max())
     log_cut = _fluid_log_time(sample, total * sample.size / logits.size, penalty, cap)
@@ -218,6 +226,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         help="scs/hcs: use the original batched approximation, drawing this many distinct examples per batch",
     )
+    parser.add_argument(
+        "--temperature", type=float, help="scs/hcs: divide the scores (logits) by this; below 1 is sharper (default 1)"
+    )
+    parser.add_argument(
+        "--unique_fraction",
+        type=float,
+        help="scs/hcs: use the temperature at which this share of the pool is expected among the drawn, in (0, 1]",
+    )
     parser.add_argument("--score_column", default="score", help="column holding the scores (logits) (default score)")
     parser.add_argument("--plot", help="PNG of pool vs. selected score distributions (default <output stem>.png)")
 
@@ -227,7 +243,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     uids, scores = read_scores(args.scores, args.score_column)
     read_s = time.perf_counter() - started
-    counts = _select(args.method, params, scores, args.seed)
+    counts, temperature = _select(args.method, params, scores, args.seed)
     select_s = time.perf_counter() - started - read_s
 
     output = Path(args.output)
@@ -246,6 +262,8 @@ def run(args: argparse.Namespace) -> int:
         "total_drawn": int(counts.sum()),
         "unique": int(np.count_nonzero(drawn)),
         "max_count": int(counts.max()),
+        "temperature": temperature,
+        "unique_fraction": {"target": params.get("unique_fraction"), "realised": np.count_nonzero(drawn) / scores.size},
         "count_histogram": count_histogram(counts),
         "output": str(output),
         "counts_output": args.counts_output,
@@ -260,6 +278,12 @@ def run(args: argparse.Namespace) -> int:
         f"{_describe(args.method, params, args.seed)}: {summary['total_drawn']:,} drawn, "
         f"{summary['unique']:,} unique, max repeat {summary['max_count']}"
     )
+    if temperature is not None:
+        target = params.get("unique_fraction")
+        print(
+            f"temperature {temperature:.4g}" + (f" (found for unique fraction {target})" if target else "")
+            + f": unique fraction {summary['unique_fraction']['realised']:.4f} of the pool"
+        )
     print("examples drawn k times: " + "  ".join(f"{k}: {v:,}" for k, v in summary["count_histogram"].items()))
     written = [str(output), args.counts_output, f"{output}.summary.json", str(plot)]
     print("wrote " + ", ".join(name for name in written if name))
@@ -287,6 +311,12 @@ def _check_flags(args: argparse.Namespace) -> dict:
         raise FlytError(f"--fraction must be in (0, 1], got {args.fraction}")
     if args.threshold is not None and not math.isfinite(args.threshold):
         raise FlytError(f"--threshold must be a finite number, got {args.threshold}")
+    if {"temperature", "unique_fraction"} <= given:
+        raise FlytError("--temperature and --unique_fraction exclude each other; give one")
+    if args.temperature is not None and not (math.isfinite(args.temperature) and args.temperature > 0):
+        raise FlytError(f"--temperature must be a positive number, got {args.temperature}")
+    if args.unique_fraction is not None and not 0 < args.unique_fraction <= 1:
+        raise FlytError(f"--unique_fraction must be in (0, 1], got {args.unique_fraction}")
     if args.sampling_batch_size is not None and args.sampling_batch_size < 1:
         raise FlytError(f"--sampling_batch_size must be a positive integer, got {args.sampling_batch_size}")
     if args.output and os.path.isdir(args.output):
@@ -355,31 +385,38 @@ def read_scores(path: str, column: str) -> tuple[np.ndarray, np.ndarray]:
     return uids, scores
 
 
-def _select(method: str, params: dict, scores: np.ndarray, seed: int | None) -> np.ndarray:
-    """Per-example draw counts for the chosen method, after the checks that need the pool size."""
+def _select(method: str, params: dict, scores: np.ndarray, seed: int | None) -> tuple[np.ndarray, float | None]:
+    """Per-example draw counts for the chosen method, after the checks that need the pool size, and the
+    temperature used (None for topk and threshold)."""
     n = scores.size
     total = params.get("total_size")
     if method == "threshold":
         counts = (scores >= params["threshold"]).astype(np.int64)
         if not counts.any():
             raise FlytError(f"--threshold {params['threshold']} keeps nothing: the highest score is {scores.max()}")
-        return counts
+        return counts, None
     if method == "topk":
         k = total if total is not None else round(params["fraction"] * n)
         if not 1 <= k <= n:
             raise FlytError(f"--method topk would keep {k} uids; expected 1 to the pool size, {n}")
-        return top_counts(scores, k)
+        return top_counts(scores, k), None
     penalty, cap = (params["repetition_penalty"], math.inf) if method == "scs" else (0.0, params["frequency_limit"])
     if total > n * cap:
         raise FlytError(
             f"--total_size {total} is more than the pool ({n}) x --frequency_limit ({cap}) = {n * cap}: "
             "hard cap sampling cannot draw that many"
         )
+    temperature = params.get("temperature", 1.0)
+    if "unique_fraction" in params:
+        try:
+            temperature = temperature_for_unique_fraction(scores, total, params["unique_fraction"], penalty, cap)
+        except FlytError as exc:
+            raise FlytError(f"--unique_fraction: {exc}") from None
     rng = np.random.default_rng(seed)
     batch = params.get("sampling_batch_size")
     if batch is not None:
-        return batched_counts(scores, total, rng, batch, penalty, cap)
-    return race_counts(scores, total, rng, penalty, cap)
+        return batched_counts(tempered(scores, temperature), total, rng, batch, penalty, cap), temperature
+    return race_counts(scores, total, rng, penalty, cap, temperature), temperature
 
 
 def _write_counts(path: str, uids: np.ndarray, counts: np.ndarray) -> None:
