@@ -7,7 +7,6 @@ State-dict keys match the original's released checkpoints: ``clip_model.<OpenCLI
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import open_clip
 import torch
@@ -15,16 +14,15 @@ from torch import nn
 
 from flyt.errors import FlytError
 
-_CONFIG_DIR = Path(__file__).parent / "model_configs"
-_registered = False
-
 
 def register_model_configs() -> None:
-    """Make the package's tiny configs (flyt-tiny, flyt-small) known to OpenCLIP by name."""
-    global _registered
-    if not _registered:
-        open_clip.add_model_config(_CONFIG_DIR)
-        _registered = True
+    """Make the package's tiny configs (flyt-tiny, flyt-small) known to OpenCLIP by name.
+
+    ``import flyt`` already does this when open_clip is imported; kept for callers that use it.
+    """
+    import flyt
+
+    flyt.register_model_configs(open_clip)
 
 
 def create_clip(model: str, pretrained: str | None = None, device: str | torch.device = "cpu",
