@@ -1,4 +1,4 @@
-"""``flyt eval``: zero-shot classification of a CLIP on DataComp-format eval folders (DESIGN.md §4).
+"""``flyt eval``: zero-shot classification of a CLIP on DataComp-format eval folders (see docs/formats.md).
 
 A task is an original name (``mnist``, ``imagenet``, ...: the folder ``ROOT/wds_<...>_test/`` of
 ``--datacomp_eval_dir ROOT``, as in the task table) or the path of a self-describing folder. Either way the folder
@@ -82,8 +82,8 @@ def resolve_eval_task(token: str, eval_dir: str | Path | None = None):
         raise FlytError(f"task {token!r} needs --datacomp_eval_dir, the folder holding {ORIGINAL_TASKS[token][1]}/")
     else:
         known = ", ".join(sorted(ORIGINAL_TASKS))
-        raise FlytError(f"unknown task {token!r}: expected one of {known} (with --datacomp_eval_dir), or a folder holding "
-                        f"{CLASSNAMES}, {TEMPLATES} and test/*.tar")
+        raise FlytError(f"unknown task {token!r}: expected one of {known} (with --datacomp_eval_dir), or a folder "
+                        f"holding {CLASSNAMES}, {TEMPLATES} and test/*.tar")
     classnames, templates = read_text_files(folder)
     return Task(token, classnames, templates, None, folder / "test")
 

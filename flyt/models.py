@@ -1,4 +1,4 @@
-"""Models of DESIGN.md §2: the reference CLIP, the FLYT scoring model (GLU head), the M-FLYT mixer.
+"""The models of docs/algorithm.md: the reference CLIP, the FLYT scoring model (GLU head), the M-FLYT mixer.
 
 State-dict keys match the original's released checkpoints: ``clip_model.<OpenCLIP keys>``,
 ``glu_model.layers.<i>.w1|w2|w3.weight|bias`` and ``layers.0.weight|bias``.
@@ -70,7 +70,7 @@ class GLUHead(nn.Module):
 
     @torch.no_grad()
     def init_cosine_similarity(self, generator: torch.Generator | None = None, noise: float = 0.01) -> None:
-        """Make a 1-layer head compute ~ img . txt on [img; txt] (DESIGN.md §2 ``--cos_sim_init``).
+        """Make a 1-layer head compute ~ img . txt on [img; txt] (``--cos_sim_init``, docs/algorithm.md "The models").
 
         W1 = diag(+1 on the image half, -1 on the text half), W3 maps [img; txt] to [txt; -img], W2 = ones:
         the output is sum SiLU(img) txt + SiLU(-txt)(-img), and SiLU(x) ~ x/2 near 0 makes it ~ img . txt.

@@ -1,4 +1,4 @@
-"""``flyt reshard``: write the samples a DataComp subset selects as new WebDataset shards (DESIGN §6).
+"""``flyt reshard``: write the samples a DataComp subset selects as new WebDataset shards (docs/formats.md).
 
 Every row of the subset becomes one output sample, so a uid listed k times is written k times. Two
 phases, both spread over ``--workers`` processes and both restartable, because every file is written
@@ -8,7 +8,7 @@ atomically and skipped when it already exists:
    and the byte range of every sample whose uid is in the subset goes to ``OUTPUT/.work/index/``.
    A shard whose ``NNNNNNNN.parquet`` lists no selected uid is not opened at all.
 2. write: the occurrences are laid out in input order (shard, then position; repeats adjacent) or in a
-   seeded permutation (``--shuffle_seed``), cut into ``--shard_size`` pieces, and each output shard
+   seeded permutation (``--seed``), cut into ``--shard_size`` pieces, and each output shard
    copies its samples' member bytes from the pool, plus a ``NNNNNNNN.parquet`` of its ``uid, key``.
 
 Recording byte ranges rather than copying samples into intermediate tars keeps the work folder at

@@ -1,4 +1,4 @@
-"""``flyt score``: run a trained scoring model over a whole pool, one score per uid (DESIGN.md §6).
+"""``flyt score``: run a trained scoring model over a whole pool, one score per uid (docs/formats.md).
 
 Every sample of the pool is read exactly once (no resampling). The output is a folder with one parquet
 file per pool shard (columns ``uid``, ``score`` float32, ``key``), named after the shard, so the scores
