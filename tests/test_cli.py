@@ -128,8 +128,8 @@ def _tracked_files() -> list[Path]:
 
 def test_no_reference_to_files_users_do_not_get():
     """Every ``docs/...`` path mentioned in a tracked file exists, and nothing points to the design notes
-    that are not in the repository. Mutation: a docstring naming ``docs/nope.md`` (or the design notes
-    again) fails."""
+    that are not in the repository. Mutation: pointing a docstring to a missing page under docs/ (or to
+    the design notes again) fails."""
     design = re.compile("DESIGN" + r"(\.md|\s*§)")
     docs_path = re.compile(r"(?<![\w/])docs/[\w./-]*\w")
     missing, stale = [], []
