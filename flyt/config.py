@@ -107,6 +107,7 @@ class TrainConfig:
         return self.exp_name or f"{self.mode}-{self.model}-seed{self.seed}"
 
 
+# argparse help text: "%%" prints as "%"
 JOB_SPLIT_HELP = "split the pool's shards over N jobs; this job takes shards j with j %% N == I"
 
 
