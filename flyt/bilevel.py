@@ -1,4 +1,4 @@
-"""One FLYT training step, step by step as DESIGN.md §3 numbers them.
+"""One FLYT training step, step by step as docs/algorithm.md numbers them.
 
     1. scores s = q_phi(batch), weights w = softmax(s) over the global batch
     2. weighted CLIP loss L_w(theta; w) on the reference model's embeddings

@@ -22,8 +22,39 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+DESCRIPTION = """\
+flyt learns which image-text pairs of a CLIP pretraining pool to keep. FLYT trains a scoring model so
+that a CLIP step on the score-weighted pool batch lowers the loss on downstream tasks' training data;
+M-FLYT learns, the same way, a mix of per-sample scores you already have. The scores then become a
+DataComp subset (Soft or Hard Cap Sampling, top-k, threshold) for training a CLIP.
+
+pipeline: train -> score -> sample -> [reshard] -> train-clip on the subset -> eval
+
+example (the whole pipeline on bundled images, a few minutes on a laptop CPU):
+  flyt demo --output_dir flyt-demo --quick
+
+The algorithm, the formats and the input scores are described in the repository's docs/ folder;
+`flyt COMMAND --help` lists a command's flags and their defaults.
+"""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default, unless it is unset, a switch's False, or the help already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        unset = default is None or default is False or default is argparse.SUPPRESS or default == [] or action.required
+        if unset or "(default" in text or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flyt", description=__doc__.splitlines()[0])
+    from flyt import __version__
+
+    parser = argparse.ArgumentParser(prog="flyt", description=DESCRIPTION, formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"flyt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     chosen = None
     argv = sys.argv[1:] if argv is None else argv
@@ -32,7 +63,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
             chosen = token
             break
     for name, (module, help_text) in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
         if name == chosen:  # only the command being run pays for its imports
             importlib.import_module(module).add_arguments(p)
     return parser

@@ -1,8 +1,9 @@
 """What the bilevel step needs from the other processes, and the single-process version of it.
 
 The step is written against this small interface so that one process and ``torchrun`` share every line
-of mathematics (DESIGN.md §5): embeddings and weights are gathered to the global batch, losses on the
-global batch are computed identically on every rank, and parameter gradients are summed.
+of mathematics (docs/algorithm.md, "Several processes"): embeddings and weights are gathered to the
+global batch, losses on the global batch are computed identically on every rank, and parameter
+gradients are summed.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """Typed configuration of ``flyt train``; the command-line flags are generated from these fields.
 
-Flag names are the original FLYT ones (DESIGN.md §7), so ``python -m flyt.train_flyt`` takes the
-original command lines unchanged; a few flags of ours are marked (flyt) in their help.
+Flag names are the original FLYT ones (docs/formats.md, "Original command line"), so
+``python -m flyt.train_flyt`` takes the original command lines unchanged; a few flags of ours are
+marked (flyt) in their help. A field's metadata may add ``aliases`` (other flag names) and ``join``
+(the flag takes several tokens, each itself possibly joined, stored as one joined string).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ class TrainConfig:
     data_weights: str | None = _f(None, "weights of the '::' pool sources, e.g. 1::2 (per shard)")
     downstream_data_dir: str | None = _f(None, "root of the downstream tasks' training shards")
     datacomp_eval_dir: str | None = _f(None, "root of DataComp eval folders (class names and templates)")
-    downstream_task_names: str = _f(None, "tasks joined by '::': original names or task folders", required=True)
+    downstream_task_names: str = _f(None, "tasks: original names or task folders, joined by '::' or space-separated",
+                                    required=True, join="::", metavar="TASK")
     downstream_data_weights: str | None = _f(None, "task weights joined by '::' (loss average; mixture for --downstream_clip_loss)")
     downstream_clip_loss: bool = _f(False, "downstream loss = CLIP loss on task image-caption pairs")
     dataset_weighted: bool = _f(False, "with --downstream_clip_loss: every task equally likely, whatever its size")
@@ -104,21 +107,48 @@ class TrainConfig:
         return self.exp_name or f"{self.mode}-{self.model}-seed{self.seed}"
 
 
+# argparse help text: "%%" prints as "%"
+JOB_SPLIT_HELP = "split the pool's shards over N jobs; this job takes shards j with j %% N == I"
+
+
+def add_job_split_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--shard_index I --num_shards N``, worded the same in every command that splits a pool."""
+    parser.add_argument("--shard_index", type=int, default=None, metavar="I", help=JOB_SPLIT_HELP)
+    parser.add_argument("--num_shards", type=int, default=None, metavar="N", help=JOB_SPLIT_HELP)
+
+
+class JoinTokens(argparse.Action):
+    """Several tokens, each maybe already ``a::b``, stored as one string joined by ``separator``.
+
+    So ``--downstream_task_names a::b`` (the original form) and ``--downstream_task_names a b`` agree.
+    """
+
+    def __init__(self, option_strings, dest, separator: str = "::", **kwargs):
+        super().__init__(option_strings, dest, nargs="+", **kwargs)
+        self.separator = separator
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, self.separator.join(values))
+
+
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One ``--name`` flag per field: booleans are switches, lists take several values."""
+    """One ``--name`` flag per field (plus its ``aliases``): booleans are switches, lists take several values."""
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
         meta = dict(f.metadata)
         help_text = meta.pop("help", "")
+        names = [f"--{f.name}", *meta.pop("aliases", ())]
         kind = hints[f.name]
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         if kind is bool:
-            parser.add_argument(f"--{f.name}", action="store_true", help=help_text)
+            parser.add_argument(*names, dest=f.name, action="store_true", help=help_text)
             continue
+        if "join" in meta:
+            meta.update(action=JoinTokens, separator=meta.pop("join"))
         base = next((a for a in get_args(kind) if a is not type(None)), kind) if get_origin(kind) else kind
         if base is list:
             base = str
-        parser.add_argument(f"--{f.name}", type=base, default=default, help=help_text, **meta)
+        parser.add_argument(*names, dest=f.name, type=base, default=default, help=help_text, **meta)
 
 
 def config_from_args(cls: type, args: argparse.Namespace):

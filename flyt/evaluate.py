@@ -1,7 +1,7 @@
-"""``flyt eval``: zero-shot classification of a CLIP on DataComp-format eval folders (DESIGN.md §4).
+"""``flyt eval``: zero-shot classification of a CLIP on DataComp-format eval folders (see docs/formats.md).
 
 A task is an original name (``mnist``, ``imagenet``, ...: the folder ``ROOT/wds_<...>_test/`` of
-``--eval_dir ROOT``, as in the task table) or the path of a self-describing folder. Either way the folder
+``--datacomp_eval_dir ROOT``, as in the task table) or the path of a self-describing folder. Either way the folder
 holds ``classnames.txt``, ``zeroshot_classification_templates.txt`` (each template with ``{c}``) and
 ``test/*.tar`` (samples ``KEY.webp|png|jpg`` + ``KEY.cls``).
 
@@ -33,16 +33,19 @@ PRECISIONS = ("fp32", "amp", "amp_bf16")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from flyt.config import JoinTokens
+
     parser.add_argument("--model", required=True, help="OpenCLIP architecture name (e.g. ViT-B-32, flyt-tiny)")
-    parser.add_argument("--checkpoint", default=None,
+    parser.add_argument("--pretrained", "--checkpoint", dest="checkpoint", default=None, metavar="FILE_OR_TAG",
                         help="CLIP weights: a local file (e.g. DIR/NAME/checkpoints/epoch_latest.pt of flyt train-clip, "
                              "or the reference epoch_latest.pt of flyt train) or an OpenCLIP pretrained tag "
                              "(e.g. openai); omitted: random initialisation")
-    parser.add_argument("--eval_dir", default=None,
+    parser.add_argument("--datacomp_eval_dir", "--eval_dir", dest="eval_dir", default=None, metavar="DIR",
                         help="DataComp eval root holding wds_<task>_test/ folders (needed for task names)")
-    parser.add_argument("--tasks", nargs="+", required=True, metavar="TASK",
-                        help="task names of DESIGN.md §4 (mnist, cifar10, imagenet, ...) and/or folders holding "
-                             "classnames.txt, zeroshot_classification_templates.txt and test/*.tar")
+    parser.add_argument("--downstream_task_names", "--tasks", dest="tasks", action=JoinTokens, required=True,
+                        metavar="TASK", help="tasks, space-separated or joined by '::': names of the task table in "
+                        "docs/formats.md (mnist, cifar10, imagenet, ...) and/or folders holding classnames.txt, "
+                        "zeroshot_classification_templates.txt and test/*.tar")
     parser.add_argument("--output", required=True, help="results file: one JSON line per task")
     parser.add_argument("--batch_size", type=int, default=256, help="test images per forward pass")
     parser.add_argument("--workers", type=int, default=2, help="data-loader processes decoding test images")
@@ -65,22 +68,22 @@ def resolve_eval_task(token: str, eval_dir: str | Path | None = None):
 
     root = Path(eval_dir) if eval_dir else None
     if root is not None and not root.is_dir():
-        raise FlytError(f"--eval_dir {root} is not a folder")
+        raise FlytError(f"--datacomp_eval_dir {root} is not a folder")
     if token in ORIGINAL_TASKS and root is not None:
         folder = root / ORIGINAL_TASKS[token][1]
         if not folder.is_dir():
             raise FlytError(f"task {token!r}: no folder {folder} (the DataComp eval folder {ORIGINAL_TASKS[token][1]}/ "
-                            f"under --eval_dir)")
+                            f"under --datacomp_eval_dir)")
     elif root is not None and task_folder(root, token) is not None:
         folder = task_folder(root, token)
     elif Path(token).is_dir():
         folder = Path(token)
     elif token in ORIGINAL_TASKS:
-        raise FlytError(f"task {token!r} needs --eval_dir, the folder holding {ORIGINAL_TASKS[token][1]}/")
+        raise FlytError(f"task {token!r} needs --datacomp_eval_dir, the folder holding {ORIGINAL_TASKS[token][1]}/")
     else:
         known = ", ".join(sorted(ORIGINAL_TASKS))
-        raise FlytError(f"unknown task {token!r}: expected one of {known} (with --eval_dir), or a folder holding "
-                        f"{CLASSNAMES}, {TEMPLATES} and test/*.tar")
+        raise FlytError(f"unknown task {token!r}: expected one of {known} (with --datacomp_eval_dir), or a folder "
+                        f"holding {CLASSNAMES}, {TEMPLATES} and test/*.tar")
     classnames, templates = read_text_files(folder)
     return Task(token, classnames, templates, None, folder / "test")
 
@@ -278,25 +281,25 @@ def evaluate(model, preprocess: Callable, tokenizer: Callable, task, batch_size:
 
 
 def resolve_pretrained(model: str, checkpoint: str | None) -> str | None:
-    """``--checkpoint`` as ``create_clip``'s ``pretrained``: None, an existing file, or a known OpenCLIP tag."""
+    """``--pretrained`` as ``create_clip``'s ``pretrained``: None, an existing file, or a known OpenCLIP tag."""
     if checkpoint is None:
         return None
     path = Path(checkpoint)
     if path.is_file():
         return str(path)
     if path.exists():
-        raise FlytError(f"--checkpoint {checkpoint} is not a file")
+        raise FlytError(f"--pretrained {checkpoint} is not a file")
     import open_clip
 
     tags = open_clip.list_pretrained_tags_by_model(model)
     if checkpoint in tags:
         return checkpoint
     known = f" (OpenCLIP's tags for {model}: {', '.join(tags)})" if tags else ""
-    raise FlytError(f"--checkpoint {checkpoint}: no such file, and not an OpenCLIP pretrained tag of {model}{known}")
+    raise FlytError(f"--pretrained {checkpoint}: no such file, and not an OpenCLIP pretrained tag of {model}{known}")
 
 
 def load_model(model: str, checkpoint: str | None, device="cpu"):
-    """(model, preprocess_val, tokenizer) from ``--model`` and ``--checkpoint``; loading failures are one line."""
+    """(model, preprocess_val, tokenizer) from ``--model`` and ``--pretrained``; loading failures are one line."""
     from flyt.models import create_clip
 
     pretrained = resolve_pretrained(model, checkpoint)
@@ -307,7 +310,7 @@ def load_model(model: str, checkpoint: str | None, device="cpu"):
     except Exception as exc:  # torch.load / load_state_dict / OpenCLIP's asserts: all mean "this file does not fit"
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         detail = type(exc).__name__ + (": " + " ".join(lines[:2])[:300] if lines else "")
-        raise FlytError(f"cannot load --checkpoint {checkpoint} into {model} ({detail})") from None
+        raise FlytError(f"cannot load --pretrained {checkpoint} into {model} ({detail})") from None
     return clip, preprocess_val, tokenizer
 
 
@@ -338,7 +341,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device, args.precision)  # fail before any loading
     if args.batch_size < 1 or args.workers < 0:
         raise FlytError(f"--batch_size must be >= 1 and --workers >= 0 (got {args.batch_size}, {args.workers})")
-    tasks = [resolve_eval_task(token, args.eval_dir) for token in args.tasks]
+    tasks = [resolve_eval_task(token, args.eval_dir) for token in args.tasks.split("::") if token]
     from flyt.data.shards import list_shards
 
     for task in tasks:  # every task's shards exist before the model loads

@@ -1,4 +1,4 @@
-"""Losses on embeddings (DESIGN.md §3 steps 2 and 5).
+"""Losses on embeddings (docs/algorithm.md, steps 2 and 5).
 
 Everything here is a pure function of already-computed, L2-normalised embeddings, so the bilevel step can
 take cheap second derivatives of the loss with respect to embeddings and weights without ever

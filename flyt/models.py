@@ -1,4 +1,4 @@
-"""Models of DESIGN.md §2: the reference CLIP, the FLYT scoring model (GLU head), the M-FLYT mixer.
+"""The models of docs/algorithm.md: the reference CLIP, the FLYT scoring model (GLU head), the M-FLYT mixer.
 
 State-dict keys match the original's released checkpoints: ``clip_model.<OpenCLIP keys>``,
 ``glu_model.layers.<i>.w1|w2|w3.weight|bias`` and ``layers.0.weight|bias``.
@@ -7,7 +7,6 @@ State-dict keys match the original's released checkpoints: ``clip_model.<OpenCLI
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import open_clip
 import torch
@@ -15,16 +14,15 @@ from torch import nn
 
 from flyt.errors import FlytError
 
-_CONFIG_DIR = Path(__file__).parent / "model_configs"
-_registered = False
-
 
 def register_model_configs() -> None:
-    """Make the package's tiny configs (flyt-tiny, flyt-small) known to OpenCLIP by name."""
-    global _registered
-    if not _registered:
-        open_clip.add_model_config(_CONFIG_DIR)
-        _registered = True
+    """Make the package's tiny configs (flyt-tiny, flyt-small) known to OpenCLIP by name.
+
+    ``import flyt`` already does this when open_clip is imported; kept for callers that use it.
+    """
+    import flyt
+
+    flyt.register_model_configs(open_clip)
 
 
 def create_clip(model: str, pretrained: str | None = None, device: str | torch.device = "cpu",
@@ -72,7 +70,7 @@ class GLUHead(nn.Module):
 
     @torch.no_grad()
     def init_cosine_similarity(self, generator: torch.Generator | None = None, noise: float = 0.01) -> None:
-        """Make a 1-layer head compute ~ img . txt on [img; txt] (DESIGN.md §2 ``--cos_sim_init``).
+        """Make a 1-layer head compute ~ img . txt on [img; txt] (``--cos_sim_init``, docs/algorithm.md "The models").
 
         W1 = diag(+1 on the image half, -1 on the text half), W3 maps [img; txt] to [txt; -img], W2 = ones:
         the output is sum SiLU(img) txt + SiLU(-txt)(-img), and SiLU(x) ~ x/2 near 0 makes it ~ img . txt.

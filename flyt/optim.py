@@ -1,4 +1,4 @@
-"""A differentiable AdamW and the learning-rate schedule (DESIGN.md §3 step 4).
+"""A differentiable AdamW and the learning-rate schedule (docs/algorithm.md, step 4).
 
 The reference model's update theta' = AdamW(theta, g) must be a differentiable function of the gradient g
 so that the downstream loss at theta' can be carried back to g. ``adamw_update`` is that function: pure,

@@ -1,4 +1,4 @@
-"""``flyt reshard``: write the samples a DataComp subset selects as new WebDataset shards (DESIGN §6).
+"""``flyt reshard``: write the samples a DataComp subset selects as new WebDataset shards (docs/formats.md).
 
 Every row of the subset becomes one output sample, so a uid listed k times is written k times. Two
 phases, both spread over ``--workers`` processes and both restartable, because every file is written
@@ -8,7 +8,7 @@ atomically and skipped when it already exists:
    and the byte range of every sample whose uid is in the subset goes to ``OUTPUT/.work/index/``.
    A shard whose ``NNNNNNNN.parquet`` lists no selected uid is not opened at all.
 2. write: the occurrences are laid out in input order (shard, then position; repeats adjacent) or in a
-   seeded permutation (``--shuffle_seed``), cut into ``--shard_size`` pieces, and each output shard
+   seeded permutation (``--seed``), cut into ``--shard_size`` pieces, and each output shard
    copies its samples' member bytes from the pool, plus img2dataset's ``NNNNNNNN.parquet`` (``uid``,
    ``key``: the json's pool key) and ``NNNNNNNN_stats.json``, which DataComp's resharder reads.
 
@@ -64,13 +64,15 @@ _STATE: dict = {}  # per-process inputs of the phase running now (set in every w
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--pool", required=True, help="pool: folder of WebDataset .tar shards (recursive) or one .tar")
+    parser.add_argument("--upstream_data_dir", "--pool", dest="pool", required=True, metavar="DIR",
+                        help="pool: folder of WebDataset .tar shards (recursive) or one .tar")
     parser.add_argument("--subset", required=True, help="DataComp subset file (.npy of u8,u8 uids, repeats allowed)")
     parser.add_argument("--output", required=True, help="folder for the new shards (new, empty, or an unfinished run)")
-    parser.add_argument("--shard_size", type=int, default=10000, help="samples per output shard (default 10000)")
+    parser.add_argument("--shard_size", type=int, default=10000, help="samples per output shard")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: CPU count)")
     parser.add_argument(
-        "--shuffle_seed", type=int, help="write the samples in a permutation drawn with this seed (default: pool order)"
+        "--seed", "--shuffle_seed", dest="shuffle_seed", type=int, metavar="SEED",
+        help="write the samples in a permutation drawn with this seed (default: pool order)"
     )
     parser.add_argument(
         "--allow_missing", action="store_true", help="write what was found even if some subset uids are not in the pool"
@@ -84,11 +86,11 @@ def run(args: argparse.Namespace) -> int:
     if args.shard_size < 1 or args.workers < 1:
         raise FlytError(f"--shard_size and --workers must be positive, got {args.shard_size} and {args.workers}")
     if args.shuffle_seed is not None and args.shuffle_seed < 0:
-        raise FlytError(f"--shuffle_seed must be a non-negative integer, got {args.shuffle_seed}")
+        raise FlytError(f"--seed must be a non-negative integer, got {args.shuffle_seed}")
     out, pool = Path(args.output), Path(args.pool)
-    shards = list_shards(pool, "--pool")
+    shards = list_shards(pool, "--upstream_data_dir")
     if pool.is_dir() and (out.resolve() == pool.resolve() or pool.resolve() in out.resolve().parents):
-        raise FlytError(f"--output {out} lies inside --pool {pool}; its shards would join the pool")
+        raise FlytError(f"--output {out} lies inside --upstream_data_dir {pool}; its shards would join the pool")
     subset = load_subset(args.subset)
     job = {
         "subset_sha256": hashlib.sha256(np.ascontiguousarray(subset).view(np.uint8)).hexdigest(),

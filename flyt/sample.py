@@ -1,4 +1,4 @@
-"""``flyt sample``: turn per-uid scores into a DataComp subset (DESIGN §6).
+"""``flyt sample``: turn per-uid scores into a DataComp subset (docs/algorithm.md, last section).
 
 Soft Cap Sampling (SCS) and Hard Cap Sampling (HCS) are sampled exactly with an exponential race: each
 example's draws are arrivals of its own clock, whose next arrival comes after Exp(1) / rate, where the

@@ -1,4 +1,4 @@
-"""``flyt score``: run a trained scoring model over a whole pool, one score per uid (DESIGN.md §6).
+"""``flyt score``: run a trained scoring model over a whole pool, one score per uid (docs/formats.md).
 
 Every sample of the pool is read exactly once (no resampling). A uid held several times (the repeats
 of a resharded subset) is written once, by the first shard in sorted order that holds it; the other
@@ -50,6 +50,8 @@ WRITE_OPTIONS = {"compression": "zstd", "use_dictionary": False, "write_statisti
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from flyt.config import add_job_split_arguments
+
     parser.add_argument("--checkpoint", required=True,
                         help="scoring checkpoint (scoring_epoch_<n>.pt of flyt train, or the original's released .pt)")
     parser.add_argument("--upstream_data_dir", required=True,
@@ -68,8 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="fp32; amp / amp_bf16: autocast (fp16 needs CUDA); bf16: bf16 weights")
-    parser.add_argument("--shard_index", type=int, default=None, help="this job's index I: it scores shards j with j %% N == I")
-    parser.add_argument("--num_shards", type=int, default=None, help="number of jobs N splitting the pool's shards")
+    add_job_split_arguments(parser)
 
 
 # ---------------------------------------------------------------------------------------------- shards

@@ -2,7 +2,7 @@
 
 Why this exists: the test suite, the benchmarks and the end-to-end demo need an upstream pool, M-FLYT
 input-score files and downstream tasks in exactly the on-disk formats of DataComp / img2dataset and
-of the original FLYT code (DESIGN.md §4), with a *known* ground truth (which pairs are clean, which
+of the original FLYT code (docs/formats.md), with a *known* ground truth (which pairs are clean, which
 corrupted, which undecodable) so that a filter's quality can be measured -- offline, in seconds, and
 byte-for-byte reproducible from a seed. Real images (upscaled, tinted, jittered) make the learning
 problem honest while staying tiny.

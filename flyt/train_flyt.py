@@ -1,4 +1,4 @@
-"""``python -m flyt.train_flyt`` and ``flyt train``: the original FLYT command line (DESIGN.md §7)."""
+"""``python -m flyt.train_flyt`` and ``flyt train``: the original FLYT command line (docs/formats.md)."""
 
 from __future__ import annotations
 

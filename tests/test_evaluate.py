@@ -237,7 +237,7 @@ def test_one_line_errors(cli_setup, capsys, tmp_path):
     err = _one_line_error(capsys, base + ["--eval_dir", str(original.datacomp_eval_dir), "--tasks", "cifar10"])
     assert "wds_cifar10_test" in err
     err = _one_line_error(capsys, base + ["--tasks", "mnist"])
-    assert "needs --eval_dir" in err
+    assert "needs --datacomp_eval_dir" in err
     broken = write_task(tmp_path / "t", name="nocls", n_train=1, n_test=2)
     (broken.eval_dir / "classnames.txt").unlink()
     err = _one_line_error(capsys, base + ["--tasks", str(broken.eval_dir)])

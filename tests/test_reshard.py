@@ -250,7 +250,7 @@ def test_input_errors_name_the_file(pool, reference, tmp_path):
         reshard(tmp_path / "nowhere", subset, tmp_path / "out")
     with pytest.raises(FlytError, match="no such file"):
         reshard(pool[0], tmp_path / "none.npy", tmp_path / "out")
-    with pytest.raises(FlytError, match="inside --pool"):
+    with pytest.raises(FlytError, match="inside --upstream_data_dir"):
         reshard(pool[0], subset, pool[0] / "resharded")
 
     broken = tmp_path / "broken"
