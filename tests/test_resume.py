@@ -50,19 +50,19 @@ def _logged_steps(metrics: Path) -> list[int]:
     return [json.loads(line)["step"] for line in lines if line.endswith("}")]
 
 
-def _run_and_kill(command: list[str], run_dir: Path) -> None:
+def _run_and_kill(command: list[str], run_dir: Path, log: Path) -> None:
     """Start the run in its own process group; SIGKILL the group as soon as step KILL_AT is logged."""
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
     deadline = time.monotonic() + TIMEOUT_S
     try:
         while KILL_AT not in _logged_steps(run_dir / "metrics.jsonl"):
-            assert proc.poll() is None, f"the run ended before step {KILL_AT}: {proc.stderr.read().decode()[-2000:]}"
+            assert proc.poll() is None, f"the run ended before step {KILL_AT}: {log.read_text()[-2000:]}"
             assert time.monotonic() < deadline, f"no step {KILL_AT} after {TIMEOUT_S} s"
             time.sleep(0.01)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        proc.stderr.close()
 
 
 def assert_bitwise_equal(a, b, where: str = "") -> None:
@@ -95,19 +95,27 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 @pytest.mark.parametrize("mode", ["flyt", "mflyt"])
 def test_sigkill_in_mid_epoch_then_resume_equals_uninterrupted(data, tmp_path, mode):
-    """Mutations caught: ..."""
+    """Mutations of ``Trainer.maybe_resume`` / ``MetricsLog`` caught, each failing here: not restoring the RNG
+    state (only the saved ``flyt/rng`` differs), the scoring optimizer, the reference's AdamW step count or
+    the temperature; keeping the killed run's lines past its checkpoint (step 3 logged twice); ignoring
+    ``--resume`` altogether (epoch 1's files rewritten). Not covered on CPU: the loss scale is static in fp32.
+    """
     out = tmp_path / "out"  # both runs write here (the path is part of the saved config), one after the other
     run = lambda: subprocess.run(_command(data, out, mode), capture_output=True, text=True, timeout=TIMEOUT_S)
     done = run()
     assert done.returncode == 0, done.stderr[-2000:]
     (out / "run").rename(tmp_path / "uninterrupted")
 
-    _run_and_kill(_command(data, out, mode), out / "run")
+    _run_and_kill(_command(data, out, mode), out / "run", tmp_path / "killed.log")
     ckpt = out / "run" / "checkpoints"
     assert torch.load(ckpt / "scoring_epoch_latest.pt", weights_only=True)["epoch"] == 1, "not killed in epoch 2"
     assert _logged_steps(out / "run" / "metrics.jsonl")[-1] >= KILL_AT  # steps that resuming must not repeat
+    identity = lambda name: ((ckpt / name).stat().st_ino, (ckpt / name).stat().st_mtime_ns)
+    epoch_1 = [identity(name) for name in ("epoch_1.pt", "scoring_epoch_1.pt")]
     done = run()
     assert done.returncode == 0, done.stderr[-2000:]
+    # it resumed rather than started over: epoch 1's files are the killed run's, never rewritten
+    assert [identity(name) for name in ("epoch_1.pt", "scoring_epoch_1.pt")] == epoch_1
 
     expected = tmp_path / "uninterrupted" / "checkpoints"
     names = sorted(p.name for p in expected.iterdir())
