@@ -22,6 +22,8 @@ from flyt import toydata
 STEPS, EPOCHS = 4, 2  # two steps per epoch
 KILL_AT = 3  # the first step of epoch 2 is logged: epoch 1's checkpoint exists, epoch 2's does not
 TIMEOUT_S = 300
+# one thread per run: a tiny model gains nothing from two, and on a busy machine OpenMP spinning tripled the CPU time
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +55,8 @@ def _logged_steps(metrics: Path) -> list[int]:
 def _run_and_kill(command: list[str], run_dir: Path, log: Path) -> None:
     """Start the run in its own process group; SIGKILL the group as soon as step KILL_AT is logged."""
     with log.open("w") as stderr:
-        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, env=ENV,
+                                start_new_session=True)
     deadline = time.monotonic() + TIMEOUT_S
     try:
         while KILL_AT not in _logged_steps(run_dir / "metrics.jsonl"):
@@ -77,7 +80,7 @@ def assert_bitwise_equal(a, b, where: str = "") -> None:
         for i, (x, y) in enumerate(zip(a, b)):
             assert_bitwise_equal(x, y, f"{where}[{i}]")
     elif isinstance(a, torch.Tensor):
-        assert (a.dtype, a.shape) == (b.dtype, b.shape), f"{where}: {a.dtype}{list(a.shape)} vs {b.dtype}{list(b.shape)}"
+        assert (a.dtype, a.shape) == (b.dtype, b.shape), f"{where}: {a.dtype} {list(a.shape)} vs {b.dtype} {list(b.shape)}"
         as_bytes = lambda t: t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
         assert torch.equal(as_bytes(a), as_bytes(b)), f"{where}: tensor values differ"
     elif isinstance(a, float):
@@ -101,7 +104,8 @@ def test_sigkill_in_mid_epoch_then_resume_equals_uninterrupted(data, tmp_path, m
     ``--resume`` altogether (epoch 1's files rewritten). Not covered on CPU: the loss scale is static in fp32.
     """
     out = tmp_path / "out"  # both runs write here (the path is part of the saved config), one after the other
-    run = lambda: subprocess.run(_command(data, out, mode), capture_output=True, text=True, timeout=TIMEOUT_S)
+    run = lambda: subprocess.run(_command(data, out, mode), capture_output=True, text=True, env=ENV,
+                                 timeout=TIMEOUT_S)
     done = run()
     assert done.returncode == 0, done.stderr[-2000:]
     (out / "run").rename(tmp_path / "uninterrupted")
