@@ -3,6 +3,8 @@
 The fast samplers are checked against a literal one-draw-at-a-time loop, statistically: mean draws per
 score decile over many seeds must agree within 5 standard errors (computed from the observed spread),
 and the same check must reject a sampler run with a wrong penalty or cap, so it has the power to fail.
+For four examples the whole joint distribution of the count vector is enumerated exactly and compared with
+many draws by a chi-square test (scipy comes with scikit-learn, a test dependency).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import scipy.stats
 
 import flyt.sample
 from flyt.cli import main
@@ -36,15 +39,17 @@ TOTAL, REPEATS, PENALTY, CAP = 200, 300, 0.15, 5
 
 def sequential_reference(logits, total, rng, penalty=0.0, cap=math.inf):
     """The definition, one draw at a time: softmax of the current logits, skipping capped examples."""
-    current = logits.astype(float).copy()
     counts = np.zeros(logits.size, dtype=np.int64)
     for _ in range(total):
-        # drawing from the examples below the cap, renormalised, is the same as rejecting capped draws
-        weights = np.where(counts < cap, np.exp(current - current.max()), 0.0)
-        i = rng.choice(logits.size, p=weights / weights.sum())
-        counts[i] += 1
-        current[i] -= penalty
+        counts[rng.choice(logits.size, p=next_draw_probabilities(logits, counts, penalty, cap))] += 1
     return counts
+
+
+def next_draw_probabilities(logits, counts, penalty, cap):
+    """Softmax of logits - penalty * counts over the examples below the cap (the same as rejecting capped draws)."""
+    current = logits - penalty * counts
+    weights = np.where(counts < cap, np.exp(current - current.max()), 0.0)
+    return weights / weights.sum()
 
 
 def decile_draws(sampler, **kwargs):
@@ -85,6 +90,83 @@ def test_hcs_matches_sequential_process(hcs_reference, monkeypatch):
     for block in (1, 7):
         monkeypatch.setattr(flyt.sample, "_BLOCK", block)
         assert max_z(decile_draws(race_counts, cap=CAP), hcs_reference) < 5
+
+
+# The whole joint distribution of a few examples' count vectors, enumerated exactly, against many samples.
+FEW = np.array([0.8, 0.2, -0.3, -1.0])
+SAMPLES = 6000
+
+
+def exact_count_distribution(logits, total, penalty=0.0, cap=math.inf):
+    """{count vector: probability} after ``total`` draws of the sequential process, by dynamic programming."""
+    dist = {(0,) * logits.size: 1.0}
+    for _ in range(total):
+        after = {}
+        for counts, p in dist.items():
+            for i, q in enumerate(next_draw_probabilities(logits, np.array(counts), penalty, cap)):
+                if q > 0:
+                    drawn = counts[:i] + (counts[i] + 1,) + counts[i + 1 :]
+                    after[drawn] = after.get(drawn, 0.0) + p * q
+        dist = after
+    return dist
+
+
+def count_samples(sampler, total, seed, n=SAMPLES, **kwargs):
+    rng = np.random.default_rng(seed)
+    return np.array([sampler(FEW, total, rng, **kwargs) for _ in range(n)])
+
+
+def chi_square_p(samples, exact):
+    """p-value of Pearson's chi-square of the sampled count vectors against the exact distribution.
+
+    Cells expected fewer than 5 times are pooled into one; a sample outside the support gives 0.
+    """
+    vectors, observed = np.unique(samples, axis=0, return_counts=True)
+    seen = dict(zip(map(tuple, vectors.tolist()), observed))
+    if not seen.keys() <= exact.keys():
+        return 0.0
+    expected = np.array(list(exact.values())) * len(samples)
+    counts = np.array([seen.get(cell, 0) for cell in exact])
+    small = expected < 5
+    if small.any():
+        expected = np.r_[expected[~small], expected[small].sum()]
+        counts = np.r_[counts[~small], counts[small].sum()]
+    statistic = float(((counts - expected) ** 2 / expected).sum())
+    return float(scipy.stats.chi2.sf(statistic, expected.size - 1))
+
+
+def test_scs_joint_count_distribution_is_exact(monkeypatch):
+    """SCS, 4 examples, 6 draws: the frequencies of all 84 count vectors against their exact probabilities.
+
+    Mutations caught (each fails this test): in ``_Race.run_until``, the penalty carried over a round by
+    ``penalty`` instead of ``penalty * width`` (slips past the decile means above; only the block-8 rounds
+    see it), ``k = count`` instead of ``count + 1``, and ``exp(log_gap)`` without ``+ penalty * ahead``;
+    in ``batched_counts``, ``current[top] -= penalty / 2``.
+    """
+    exact = exact_count_distribution(FEW, 6, penalty=0.7)
+    assert len(exact) == 84 and math.isclose(sum(exact.values()), 1.0)
+    assert chi_square_p(count_samples(batched_counts, 6, seed=0, batch=1, penalty=0.7), exact) > 1e-3
+    assert chi_square_p(count_samples(batched_counts, 6, seed=0, batch=2, penalty=0.7), exact) < 1e-9  # approximate
+    for block in (64, 8):  # one round covers every draw; rounds of 2 to 8 arrivals per example
+        monkeypatch.setattr(flyt.sample, "_BLOCK", block)
+        assert chi_square_p(count_samples(race_counts, 6, seed=block, penalty=0.7), exact) > 1e-3
+    assert chi_square_p(count_samples(race_counts, 6, seed=1, n=2000, penalty=0.5), exact) < 1e-9  # it can fail
+
+
+def test_hcs_joint_count_distribution_is_exact(monkeypatch):
+    """HCS, 4 examples capped at 2, 5 draws: the frequencies of the 16 count vectors against their exact
+    probabilities.
+
+    Mutations caught: the race's cap one arrival late (``k + ahead > cap`` for ``>=``); in ``batched_counts``,
+    ``counts[top] > cap`` for ``>=``.
+    """
+    exact = exact_count_distribution(FEW, 5, cap=2)
+    assert len(exact) == 16 and max(map(max, exact)) == 2
+    assert chi_square_p(count_samples(batched_counts, 5, seed=0, batch=1, cap=2), exact) > 1e-3
+    for block in (64, 8):
+        monkeypatch.setattr(flyt.sample, "_BLOCK", block)
+        assert chi_square_p(count_samples(race_counts, 5, seed=block, cap=2), exact) > 1e-3
+    assert chi_square_p(count_samples(race_counts, 5, seed=1, n=2000, cap=3), exact) < 1e-9  # it can fail
 
 
 @pytest.mark.parametrize(
