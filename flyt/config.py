@@ -64,11 +64,14 @@ class TrainConfig:
     n_scoring_layers: int = _f(1, "GLU layers in the scoring head")
     hidden_dim_mod: float = _f(1.0, "GLU hidden size = int(2 * embed_dim * this)")
     cos_sim_init: bool = _f(False, "start the 1-layer head at ~ image-text cosine similarity")
+    scoring_trainable: str = _f("all", "(flyt) FLYT head parameters that train: all, or output (W2 and the biases; "
+                                "W1/W3 keep their start, e.g. --cos_sim_init's)", choices=("all", "output"))
     mixer_init: str = _f("zeros", "(flyt) M-FLYT mixer start: zeros (all equal) or random (the original)",
                          choices=("zeros", "random"))
     # optimisation
     reference_learning_rate: float = _f(5e-5, "peak learning rate of the reference model")
-    scoring_learning_rate: float = _f(1e-3, "peak learning rate of the scoring model")
+    scoring_learning_rate: float | None = _f(None, "peak learning rate of the scoring model (default: 1e-3 for python -m "
+                                             "flyt.train_flyt, the original's; for flyt train 1e-3 * sqrt(upstream_batch_size / 4096))")
     warmup: int = _f(100, "linear warmup steps of both cosine schedules")
     upstream_batch_size: int = _f(1024, "global upstream batch")
     downstream_batch_size: int = _f(512, "global downstream batch (per task for zero-shot)")
@@ -92,6 +95,9 @@ class TrainConfig:
             raise FlytError(f"--num_checkpoints {self.num_checkpoints} exceeds the {self.n_iterations} steps")
         if bool(self.parquet_dir) != bool(self.parquet_fields):
             raise FlytError("M-FLYT needs both --parquet_dir and --parquet_fields")
+        if self.scoring_trainable != "all" and (self.mode != "flyt" or self.train_full_scoring):
+            raise FlytError(f"--scoring_trainable {self.scoring_trainable} applies to a FLYT head alone: "
+                            "not with M-FLYT or --train_full_scoring")
         if self.precision not in PRECISIONS:
             raise FlytError(f"--precision must be one of {', '.join(PRECISIONS)}")
 
@@ -102,6 +108,16 @@ class TrainConfig:
     @property
     def run_name(self) -> str:
         return self.exp_name or f"{self.mode}-{self.model}-seed{self.seed}"
+
+
+ORIGINAL_SCORING_LR = 1e-3  # the paper's, tuned at a global upstream batch of 4096
+
+
+def batch_scaled_scoring_lr(upstream_batch_size: int) -> float:
+    """``flyt train``'s default scoring lr: square-root scaling (Adam's rule) from the paper's 1e-3 at 4096.
+
+    At small batches the paper's lr scrambles a --cos_sim_init start within tens of steps."""
+    return ORIGINAL_SCORING_LR * math.sqrt(upstream_batch_size / 4096)
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
