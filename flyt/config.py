@@ -50,6 +50,12 @@ class TrainConfig:
     log_pre_update: bool = _f(False, "also log the downstream losses before the reference update")
     report_to_wandb: bool = _f(False, "log to Weights & Biases (honours WANDB_MODE=offline)")
     wandb_project_name: str = _f("flyt", "wandb project")
+    val_every: int = _f(0, "(flyt) every this many steps, the downstream-loss gain of the learned weighting over "
+                        "uniform weights on held-out task data (0: never)")
+    val_batches: int = _f(1, "(flyt) held-out task batches per validation (the same ones each time)")
+    val_fraction: float = _f(0.0, "(flyt) share of each task's training samples held out for --val_every, by a "
+                             "hash of the sample key (default: the tasks' own val/ folders)")
+    keep_best: bool = _f(False, "(flyt) with --val_every: keep the scoring model of the best gain as scoring_best.pt")
     device: str | None = _f(None, "(flyt) cpu, cuda, cuda:1 ... (default: cuda if available)")
     precision: str = _f("fp32", "fp32 | amp (fp16 autocast + loss scaling) | amp_bf16 | bf16", choices=PRECISIONS)
     scaler_scale: float = _f(2.0 ** 16, "initial loss scale for --precision amp")
@@ -98,6 +104,11 @@ class TrainConfig:
         if self.scoring_trainable != "all" and (self.mode != "flyt" or self.train_full_scoring):
             raise FlytError(f"--scoring_trainable {self.scoring_trainable} applies to a FLYT head alone: "
                             "not with M-FLYT or --train_full_scoring")
+        if self.val_every < 0 or self.val_batches < 1 or not 0 <= self.val_fraction < 1:
+            raise FlytError(f"--val_every must be >= 0, --val_batches >= 1 and --val_fraction in [0, 1) (got "
+                            f"{self.val_every}, {self.val_batches}, {self.val_fraction:g})")
+        if (self.keep_best or self.val_fraction > 0) and not self.val_every:
+            raise FlytError("--keep_best and --val_fraction belong to validation: give --val_every N too")
         if self.precision not in PRECISIONS:
             raise FlytError(f"--precision must be one of {', '.join(PRECISIONS)}")
 

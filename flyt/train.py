@@ -26,6 +26,7 @@ from flyt.errors import FlytError
 from flyt.models import ScorerSpec, build_scorer, create_clip, restrict_trainable
 from flyt.optim import AdamWConfig, AdamWState, cosine_lr, decays
 from flyt.precision import autocast, resolve_device
+from flyt.validation import Validation, weighting_gain
 
 
 @dataclass
@@ -76,7 +77,9 @@ class Trainer:
             sources, self.tasks, _per_rank(cfg.upstream_batch_size, self.comm, cfg.accum_freq, "--upstream_batch_size"),
             _per_rank(cfg.downstream_batch_size, self.comm, cfg.accum_freq, "--downstream_batch_size"),
             cfg.seed, cfg.downstream_clip_loss, cfg.dataset_weighted, self.task_weights, cfg.shuffle_buffer, scores,
-            self.comm.rank, self.comm.world_size)
+            self.comm.rank, self.comm.world_size, val_fraction=cfg.val_fraction)
+        self.validation = Validation.create(self.stream_cfg, cfg.val_every, cfg.val_batches, cfg.val_fraction,
+                                            self.comm.world_size) if cfg.val_every else None
 
         torch.manual_seed(cfg.seed)
         self.reference, self.preprocess, _, self.tokenizer = create_clip(
@@ -124,7 +127,8 @@ class Trainer:
         dls = self.dls.detach().cpu() if self.dls is not None else None
         meta = {"scorer": self.spec.to_dict(), "step": self.step, "config": dataclasses.asdict(self.cfg),
                 "loss_scale": dataclasses.asdict(self.loss_scale), "skipped_steps": self.skipped_steps,
-                "rng": torch.get_rng_state(), "probe_initial": self.probe.initial if self.probe else None}
+                "rng": torch.get_rng_state(), "probe_initial": self.probe.initial if self.probe else None,
+                "validation": self.validation.state() if self.validation else None}
         scoring = {"epoch": self.epoch, "name": self.cfg.run_name, "state_dict": self.scorer.state_dict(),
                    "optimizer": self.scoring_opt.state_dict(), "downstream_logit_scale": dls, "flyt": meta}
         reference = {"epoch": self.epoch, "name": self.cfg.run_name, "state_dict": self.reference.state_dict(),
@@ -158,6 +162,8 @@ class Trainer:
         self.loss_scale = LossScale(**meta["loss_scale"])
         torch.set_rng_state(meta["rng"])
         self.probe = Probe(self._probe_batch(), meta.get("probe_initial"))
+        if self.validation:
+            self.validation.load_state(meta.get("validation"))
         return True
 
     # ---- diagnostics -------------------------------------------------------------------------------
@@ -179,6 +185,19 @@ class Trainer:
         return dict(batch_diagnostics(self.comm.gather(self._scores(up)).cpu()),
                     **{"diag/probe_spearman": self.probe.drift(probe_scores)})
 
+    def _validate(self, bundle: dict) -> dict:
+        """The gain of the learned weighting over uniform from the current state, on the step's upstream batch."""
+        cfg = self.cfg
+        held_out = [self._tasks_to_device(b["downstream"])
+                    for b in self.validation.batches(self.preprocess, self.tokenizer)]
+        lr = cosine_lr(cfg.reference_learning_rate, cfg.warmup, cfg.n_iterations, max(self.step - 1, 0))  # the step's
+        metrics = weighting_gain(self.reference, self.params, self.opt_state, lr, self._to_device(bundle)[0],
+                                 self._scores(bundle["upstream"]), held_out, self.dls, self.bilevel.downstream_loss,
+                                 cfg.accum_freq)
+        if self.validation.record(metrics["val/gain"], self.step) and cfg.keep_best:
+            checkpoint.save_best(self.ckpt_dir, self._payloads()[0])
+        return dict(metrics, step=self.step)
+
     def _logs(self, step: int) -> bool:
         return step % self.cfg.log_every_n_steps == 0 or step == self.cfg.n_iterations
 
@@ -187,13 +206,17 @@ class Trainer:
         up = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in bundle["upstream"].items()}
         dtype = next(iter(self.params.values())).dtype
         up["image"] = up["image"].to(dtype)
+        return up, self._tasks_to_device(bundle["downstream"])
+
+    def _tasks_to_device(self, downstream: list[dict]) -> list[DownstreamBatch]:
+        dtype = next(iter(self.params.values())).dtype
         tasks = []
-        for i, t in enumerate(bundle["downstream"]):
+        for i, t in enumerate(downstream):
             move = lambda x: x.to(self.device) if x is not None else None
             weight = self.task_weights[i] if self.task_weights and not self.cfg.downstream_clip_loss else 1.0
             tasks.append(DownstreamBatch(t["name"], t["images"].to(self.device, dtype), move(t.get("labels")),
                                          move(t.get("prompts")), move(t.get("texts")), weight))
-        return up, tasks
+        return tasks
 
     def train_step(self, bundle: dict) -> dict:
         cfg = self.cfg
@@ -241,7 +264,8 @@ class Trainer:
         logger.close()
         return {"run_dir": str(self.run_dir), "steps": self.step, "seconds": round(time.time() - start, 1),
                 "skipped_steps": self.skipped_steps, "skipped_samples": last.get("skipped_samples", 0),
-                "final": {k: v for k, v in last.items() if "loss" in k or k.startswith("mixer/")}}
+                "final": {k: v for k, v in last.items() if "loss" in k or k.startswith("mixer/")},
+                **({"val_best": self.validation.state()} if self.validation else {})}
 
     def _epochs(self, bar, logger) -> dict:
         cfg, last, skipped_samples = self.cfg, {}, {}
@@ -259,6 +283,8 @@ class Trainer:
                 bar.update(1)
                 if self._logs(self.step):
                     logger.log(last)
+                if self.validation and self.validation.due(self.step, cfg.n_iterations):
+                    logger.log(self._validate(bundle))
             del batches, loader
             self.epoch += 1
             self.save()
