@@ -35,9 +35,9 @@ def test_gain_is_positive_for_down_weighting_wrong_captions_and_zero_for_uniform
     """Held out: the batch's clean pairs (CLIP loss). From AdamW's first step (a sign step) the step on the
     clean pairs alone is the steepest descent of that loss, so to first order (small lr) it beats the
     uniform step and the step that trusts the wrong captions. Mutations caught: the gain's sign flipped
-    (learned - uniform); both steps taken with the learned weights (gain 0); the scores' softmax skipped
-    (raw scores as log-weights: the oracle step scaled by e^0 still, the anti-oracle's by e^-30 -- caught by
-    the ordering assert)."""
+    (learned - uniform); both steps taken with the learned weights (gain 0); raw scores used as log-weights
+    (no softmax).
+    """
     from flyt.config import TrainConfig, config_from_args
     from flyt.data.stream import TrainStream
     from flyt.train import Trainer
