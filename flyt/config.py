@@ -76,8 +76,9 @@ class TrainConfig:
                          choices=("zeros", "random"))
     # optimisation
     reference_learning_rate: float = _f(5e-5, "peak learning rate of the reference model")
-    scoring_learning_rate: float | None = _f(None, "peak learning rate of the scoring model (default: 1e-3 for python -m "
-                                             "flyt.train_flyt, the original's; for flyt train 1e-3 * sqrt(upstream_batch_size / 4096))")
+    scoring_learning_rate: float | None = _f(None, "peak learning rate of the scoring model (default: the original's "
+                                             "1e-3 for python -m flyt.train_flyt; for flyt train "
+                                             "1e-3 * sqrt(upstream_batch_size / 4096))")
     warmup: int = _f(100, "linear warmup steps of both cosine schedules")
     upstream_batch_size: int = _f(1024, "global upstream batch")
     downstream_batch_size: int = _f(512, "global downstream batch (per task for zero-shot)")

@@ -25,7 +25,8 @@ def pool(tmp_path_factory) -> tuple[Path, dict]:
 
 
 def _args(root: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "--upstream_data_dir", str(root / "pool"), "--downstream_task_names", str(root / "tasks" / "digits"),
+    return ["train", "--upstream_data_dir", str(root / "pool"),
+            "--downstream_task_names", str(root / "tasks" / "digits"),
             "--model", "flyt-tiny", "--upstream_batch_size", "32", "--downstream_batch_size", "8", "--workers", "0",
             "--warmup", "1", "--output_dir", str(out), "--exp_name", "run", "--log_every_n_steps", "1",
             "--update_reference_model", *extra]
