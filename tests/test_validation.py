@@ -151,3 +151,19 @@ def test_resume_keeps_probe_and_best_gain(pool, tmp_path, monkeypatch):
     best = {n: torch.load(tmp_path / n / "run" / "checkpoints" / "scoring_best.pt", weights_only=True) for n in runs}
     assert best["full"]["flyt"]["step"] == best["part"]["flyt"]["step"] == 2
     assert all(torch.equal(v, best["part"]["state_dict"][k]) for k, v in best["full"]["state_dict"].items())
+
+
+def test_validation_refuses_several_processes(pool):
+    """Mutation caught: the world-size check removed (it would validate on one rank's share of the batch)."""
+    from flyt.data.shards import parse_sources
+    from flyt.data.stream import StreamConfig
+    from flyt.data.tasks import parse_task_names
+    from flyt.errors import FlytError
+    from flyt.validation import Validation
+
+    root, _ = pool
+    tasks = parse_task_names(str(root / "tasks" / "digits"), None, None)
+    cfg = StreamConfig(parse_sources(str(root / "pool"), None), tasks, 16, 8, val_fraction=0.3)
+    with pytest.raises(FlytError, match="--val_every runs on one process only"):
+        Validation.create(cfg, 1, 1, 0.3, world_size=2)
+    assert Validation.create(cfg, 1, 1, 0.3, world_size=1).stream_cfg.split == "val"
