@@ -20,6 +20,7 @@ from flyt.models import ScorerSpec, build_scorer
 
 SCORING = "scoring_epoch_{}.pt"
 REFERENCE = "epoch_{}.pt"
+BEST = "scoring_best.pt"
 
 
 def save(ckpt_dir: Path, epoch: int, scoring: dict, reference: dict, numbered: bool) -> None:
@@ -29,6 +30,13 @@ def save(ckpt_dir: Path, epoch: int, scoring: dict, reference: dict, numbered: b
         for name in names:
             with atomic_path(ckpt_dir / pattern.format(name)) as tmp:
                 torch.save(payload, tmp)
+
+
+def save_best(ckpt_dir: Path, scoring: dict) -> Path:
+    """``scoring_best.pt``: the scoring checkpoint of the best validation gain (``--keep_best``)."""
+    with atomic_path(ckpt_dir / BEST) as tmp:
+        torch.save(scoring, tmp)
+    return ckpt_dir / BEST
 
 
 def save_clip(path: Path, model, optimizer, step: int, name: str) -> None:

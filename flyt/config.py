@@ -53,6 +53,12 @@ class TrainConfig:
     log_pre_update: bool = _f(False, "also log the downstream losses before the reference update")
     report_to_wandb: bool = _f(False, "log to Weights & Biases (honours WANDB_MODE=offline)")
     wandb_project_name: str = _f("flyt", "wandb project")
+    val_every: int = _f(0, "(flyt) every this many steps, the downstream-loss gain of the learned weighting over "
+                        "uniform weights on held-out task data (0: never)")
+    val_batches: int = _f(1, "(flyt) held-out task batches per validation (the same ones each time)")
+    val_fraction: float = _f(0.0, "(flyt) share of each task's training samples held out for --val_every, by a "
+                             "hash of the sample key (default: the tasks' own val/ folders)")
+    keep_best: bool = _f(False, "(flyt) with --val_every: keep the scoring model of the best gain as scoring_best.pt")
     device: str | None = _f(None, "(flyt) cpu, cuda, cuda:1 ... (default: cuda if available)")
     precision: str = _f("fp32", "fp32 | amp (fp16 autocast + loss scaling) | amp_bf16 | bf16", choices=PRECISIONS)
     scaler_scale: float = _f(2.0 ** 16, "initial loss scale for --precision amp")
@@ -67,11 +73,15 @@ class TrainConfig:
     n_scoring_layers: int = _f(1, "GLU layers in the scoring head")
     hidden_dim_mod: float = _f(1.0, "GLU hidden size = int(2 * embed_dim * this)")
     cos_sim_init: bool = _f(False, "start the 1-layer head at ~ image-text cosine similarity")
+    scoring_trainable: str = _f("all", "(flyt) FLYT head parameters that train: all, or output (W2 and the biases; "
+                                "W1/W3 keep their start, e.g. --cos_sim_init's)", choices=("all", "output"))
     mixer_init: str = _f("zeros", "(flyt) M-FLYT mixer start: zeros (all equal) or random (the original)",
                          choices=("zeros", "random"))
     # optimisation
     reference_learning_rate: float = _f(5e-5, "peak learning rate of the reference model")
-    scoring_learning_rate: float = _f(1e-3, "peak learning rate of the scoring model")
+    scoring_learning_rate: float | None = _f(None, "peak learning rate of the scoring model (default: the original's "
+                                             "1e-3 for python -m flyt.train_flyt; for flyt train "
+                                             "1e-3 * sqrt(upstream_batch_size / 4096))")
     warmup: int = _f(100, "linear warmup steps of both cosine schedules")
     upstream_batch_size: int = _f(1024, "global upstream batch")
     downstream_batch_size: int = _f(512, "global downstream batch (per task for zero-shot)")
@@ -95,6 +105,14 @@ class TrainConfig:
             raise FlytError(f"--num_checkpoints {self.num_checkpoints} exceeds the {self.n_iterations} steps")
         if bool(self.parquet_dir) != bool(self.parquet_fields):
             raise FlytError("M-FLYT needs both --parquet_dir and --parquet_fields")
+        if self.scoring_trainable != "all" and (self.mode != "flyt" or self.train_full_scoring):
+            raise FlytError(f"--scoring_trainable {self.scoring_trainable} applies to a FLYT head alone: "
+                            "not with M-FLYT or --train_full_scoring")
+        if self.val_every < 0 or self.val_batches < 1 or not 0 <= self.val_fraction < 1:
+            raise FlytError(f"--val_every must be >= 0, --val_batches >= 1 and --val_fraction in [0, 1) (got "
+                            f"{self.val_every}, {self.val_batches}, {self.val_fraction:g})")
+        if (self.keep_best or self.val_fraction > 0) and not self.val_every:
+            raise FlytError("--keep_best and --val_fraction belong to validation: give --val_every N too")
         if self.precision not in PRECISIONS:
             raise FlytError(f"--precision must be one of {', '.join(PRECISIONS)}")
 
@@ -129,6 +147,16 @@ class JoinTokens(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         setattr(namespace, self.dest, self.separator.join(values))
+
+
+ORIGINAL_SCORING_LR = 1e-3  # the paper's, tuned at a global upstream batch of 4096
+
+
+def batch_scaled_scoring_lr(upstream_batch_size: int) -> float:
+    """``flyt train``'s default scoring lr: square-root scaling (Adam's rule) from the paper's 1e-3 at 4096.
+
+    At small batches the paper's lr scrambles a --cos_sim_init start within tens of steps."""
+    return ORIGINAL_SCORING_LR * math.sqrt(upstream_batch_size / 4096)
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:

@@ -126,6 +126,20 @@ class ScoringModel(nn.Module):
         return self.glu_model(torch.cat([img, txt], dim=-1).to(head_dtype))
 
 
+def restrict_trainable(scorer: "ScoringModel", which: str) -> None:
+    """``output``: only the GLU head's W2 weights and all its biases train, W1/W3 weights stay frozen.
+
+    The W1/W3 weights are most of the head (2 * (2D)^2 of them); moved by a small-batch signal at a
+    large lr they scramble a good start, while W2 and the biases only reweight and shift it."""
+    if which == "all":
+        return
+    if which != "output":
+        raise FlytError(f"--scoring_trainable must be 'all' or 'output', got {which!r}")
+    for layer in scorer.glu_model.layers:
+        layer.w1.weight.requires_grad_(False)
+        layer.w3.weight.requires_grad_(False)
+
+
 class MixingModel(nn.Module):
     """M-FLYT's linear mixer over per-example input scores; its weights are the interpretable output."""
 

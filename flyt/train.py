@@ -16,15 +16,17 @@ from tqdm import tqdm
 from flyt import checkpoint
 from flyt.bilevel import BilevelConfig, DownstreamBatch, flyt_step
 from flyt.comm import LocalComm
-from flyt.config import TrainConfig
+from flyt.config import TrainConfig, batch_scaled_scoring_lr
 from flyt.data.scores import ScoreLookup
 from flyt.data.shards import parse_sources, parse_weights
 from flyt.data.stream import StreamConfig, TrainStream
 from flyt.data.tasks import parse_task_names
+from flyt.diagnostics import Probe, batch_diagnostics
 from flyt.errors import FlytError
-from flyt.models import ScorerSpec, build_scorer, create_clip
+from flyt.models import ScorerSpec, build_scorer, create_clip, restrict_trainable
 from flyt.optim import AdamWConfig, AdamWState, cosine_lr, decays
-from flyt.precision import resolve_device
+from flyt.precision import autocast, resolve_device
+from flyt.validation import Validation, weighting_gain
 
 
 @dataclass
@@ -75,7 +77,9 @@ class Trainer:
             sources, self.tasks, _per_rank(cfg.upstream_batch_size, self.comm, cfg.accum_freq, "--upstream_batch_size"),
             _per_rank(cfg.downstream_batch_size, self.comm, cfg.accum_freq, "--downstream_batch_size"),
             cfg.seed, cfg.downstream_clip_loss, cfg.dataset_weighted, self.task_weights, cfg.shuffle_buffer, scores,
-            self.comm.rank, self.comm.world_size)
+            self.comm.rank, self.comm.world_size, val_fraction=cfg.val_fraction)
+        self.validation = Validation.create(self.stream_cfg, cfg.val_every, cfg.val_batches, cfg.val_fraction,
+                                            self.comm.world_size) if cfg.val_every else None
 
         torch.manual_seed(cfg.seed)
         self.reference, self.preprocess, _, self.tokenizer = create_clip(
@@ -92,6 +96,13 @@ class Trainer:
         if cfg.full_scoring_pretrained:
             sd = checkpoint.load(cfg.full_scoring_pretrained)
             self.scorer.load_state_dict({k.removeprefix("module."): v for k, v in sd.get("state_dict", sd).items()})
+        if cfg.mode == "flyt":
+            restrict_trainable(self.scorer, cfg.scoring_trainable)
+        if cfg.scoring_learning_rate is None:
+            cfg.scoring_learning_rate = batch_scaled_scoring_lr(cfg.upstream_batch_size)
+            if self.comm.rank == 0:
+                tqdm.write(f"flyt train: --scoring_learning_rate {cfg.scoring_learning_rate:.3g} (default: 1e-3 * "
+                           f"sqrt({cfg.upstream_batch_size} / 4096), square-root scaling from the paper's batch)")
         self.params = {k: v.detach() for k, v in self.reference.named_parameters()}
         self.opt_state = AdamWState.zeros_like(self.params)
         self.dls = None
@@ -107,6 +118,7 @@ class Trainer:
         self.loss_scale = LossScale(cfg.scaler_scale, dynamic=True) if cfg.precision == "amp" else LossScale()
         self.step, self.epoch = 0, 0
         self.skipped_steps = 0
+        self.probe: Probe | None = None
         self.bilevel = BilevelConfig(AdamWConfig(), "clip" if cfg.downstream_clip_loss else "zeroshot",
                                      cfg.update_reference_model, cfg.accum_freq, precision=cfg.precision)
 
@@ -115,7 +127,8 @@ class Trainer:
         dls = self.dls.detach().cpu() if self.dls is not None else None
         meta = {"scorer": self.spec.to_dict(), "step": self.step, "config": dataclasses.asdict(self.cfg),
                 "loss_scale": dataclasses.asdict(self.loss_scale), "skipped_steps": self.skipped_steps,
-                "rng": torch.get_rng_state()}
+                "rng": torch.get_rng_state(), "probe_initial": self.probe.initial if self.probe else None,
+                "validation": self.validation.state() if self.validation else None}
         scoring = {"epoch": self.epoch, "name": self.cfg.run_name, "state_dict": self.scorer.state_dict(),
                    "optimizer": self.scoring_opt.state_dict(), "downstream_logit_scale": dls, "flyt": meta}
         reference = {"epoch": self.epoch, "name": self.cfg.run_name, "state_dict": self.reference.state_dict(),
@@ -148,20 +161,62 @@ class Trainer:
         self.epoch, self.step, self.skipped_steps = scoring["epoch"], meta["step"], meta["skipped_steps"]
         self.loss_scale = LossScale(**meta["loss_scale"])
         torch.set_rng_state(meta["rng"])
+        self.probe = Probe(self._probe_batch(), meta.get("probe_initial"))
+        if self.validation:
+            self.validation.load_state(meta.get("validation"))
         return True
+
+    # ---- diagnostics -------------------------------------------------------------------------------
+    def _probe_batch(self, size: int = 256) -> dict:
+        """The first ``size`` samples of this rank's first upstream batch: the seed reproduces them on resume."""
+        with torch.random.fork_rng(devices=[]):  # the stream seeds torch for its crops: keep the run's RNG
+            batch = next(iter(TrainStream(self.stream_cfg, 0, self.preprocess, self.tokenizer)))["upstream"]
+        return {k: v[:size] for k, v in batch.items()}
+
+    @torch.no_grad()
+    def _scores(self, up: dict) -> torch.Tensor:
+        with autocast(self.cfg.precision, self.device):
+            return self.scorer(self._to_device({"upstream": up, "downstream": []})[0]).float()
+
+    def _diagnostics(self, up: dict) -> dict:
+        """Spread and ESS of this step's global batch, rank correlation with the start on the probe (no_grad:
+        two scorer forwards, on log steps only)."""
+        probe_scores = self.comm.gather(self.probe.scores(self._scores)).cpu()
+        return dict(batch_diagnostics(self.comm.gather(self._scores(up)).cpu()),
+                    **{"diag/probe_spearman": self.probe.drift(probe_scores)})
+
+    def _validate(self, bundle: dict) -> dict:
+        """The gain of the learned weighting over uniform from the current state, on the step's upstream batch."""
+        cfg = self.cfg
+        held_out = [self._tasks_to_device(b["downstream"])
+                    for b in self.validation.batches(self.preprocess, self.tokenizer)]
+        lr = cosine_lr(cfg.reference_learning_rate, cfg.warmup, cfg.n_iterations, max(self.step - 1, 0))  # the step's
+        metrics = weighting_gain(self.reference, self.params, self.opt_state, lr, self._to_device(bundle)[0],
+                                 self._scores(bundle["upstream"]), held_out, self.dls, self.bilevel.downstream_loss,
+                                 cfg.accum_freq)
+        if self.validation.record(metrics["val/gain"], self.step) and cfg.keep_best:
+            checkpoint.save_best(self.ckpt_dir, self._payloads()[0])
+        return dict(metrics, step=self.step)
+
+    def _logs(self, step: int) -> bool:
+        return step % self.cfg.log_every_n_steps == 0 or step == self.cfg.n_iterations
 
     # ---- one step ----------------------------------------------------------------------------------
     def _to_device(self, bundle: dict) -> tuple[dict, list[DownstreamBatch]]:
         up = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in bundle["upstream"].items()}
         dtype = next(iter(self.params.values())).dtype
         up["image"] = up["image"].to(dtype)
+        return up, self._tasks_to_device(bundle["downstream"])
+
+    def _tasks_to_device(self, downstream: list[dict]) -> list[DownstreamBatch]:
+        dtype = next(iter(self.params.values())).dtype
         tasks = []
-        for i, t in enumerate(bundle["downstream"]):
+        for i, t in enumerate(downstream):
             move = lambda x: x.to(self.device) if x is not None else None
             weight = self.task_weights[i] if self.task_weights and not self.cfg.downstream_clip_loss else 1.0
             tasks.append(DownstreamBatch(t["name"], t["images"].to(self.device, dtype), move(t.get("labels")),
                                          move(t.get("prompts")), move(t.get("texts")), weight))
-        return up, tasks
+        return tasks
 
     def train_step(self, bundle: dict) -> dict:
         cfg = self.cfg
@@ -169,6 +224,7 @@ class Trainer:
         scoring_lr = cosine_lr(cfg.scoring_learning_rate, cfg.warmup, cfg.n_iterations, self.step)
         for group in self.scoring_opt.param_groups:
             group["lr"] = scoring_lr
+        diagnostics = self._diagnostics(bundle["upstream"]) if self._logs(self.step + 1) else {}
         up, tasks = self._to_device(bundle)
         step_cfg = dataclasses.replace(self.bilevel, loss_scale=self.loss_scale.scale, log_pre_update=cfg.log_pre_update)
         result = flyt_step(self.reference, self.params, self.opt_state, ref_lr, self.scorer, up, tasks,
@@ -185,7 +241,7 @@ class Trainer:
         self.scoring_opt.zero_grad(set_to_none=True)
         self.loss_scale.update(result.finite)
         self.step += 1
-        metrics = dict(result.metrics, step=self.step, reference_lr=ref_lr, scoring_lr=scoring_lr)
+        metrics = dict(result.metrics, step=self.step, reference_lr=ref_lr, scoring_lr=scoring_lr, **diagnostics)
         if self.dls is not None:
             metrics["downstream_logit_scale"] = float(self.dls.detach().exp())
         if self.spec.mode == "mflyt":
@@ -197,6 +253,9 @@ class Trainer:
     def fit(self) -> dict:
         cfg = self.cfg
         resumed = self.maybe_resume()
+        if self.probe is None:  # scored now, by the starting scorer
+            self.probe = Probe(self._probe_batch())
+            self.probe.drift(self.comm.gather(self.probe.scores(self._scores)).cpu())
         logger = MetricsLog(self.run_dir, cfg, self.step, enabled=self.comm.rank == 0, resumed=resumed)
         start = time.time()
         with tqdm(total=cfg.n_iterations, initial=self.step, desc=f"flyt train ({cfg.mode})", unit="step",
@@ -205,7 +264,8 @@ class Trainer:
         logger.close()
         return {"run_dir": str(self.run_dir), "steps": self.step, "seconds": round(time.time() - start, 1),
                 "skipped_steps": self.skipped_steps, "skipped_samples": last.get("skipped_samples", 0),
-                "final": {k: v for k, v in last.items() if "loss" in k or k.startswith("mixer/")}}
+                "final": {k: v for k, v in last.items() if "loss" in k or k.startswith("mixer/")},
+                **({"val_best": self.validation.state()} if self.validation else {})}
 
     def _epochs(self, bar, logger) -> dict:
         cfg, last, skipped_samples = self.cfg, {}, {}
@@ -221,8 +281,10 @@ class Trainer:
                 last["samples_per_s"] = cfg.upstream_batch_size / max(time.time() - tick, 1e-9)
                 last["skipped_samples"] = sum(sum(c.values()) for c in skipped_samples.values())
                 bar.update(1)
-                if self.step % cfg.log_every_n_steps == 0 or self.step == cfg.n_iterations:
+                if self._logs(self.step):
                     logger.log(last)
+                if self.validation and self.validation.due(self.step, cfg.n_iterations):
+                    logger.log(self._validate(bundle))
             del batches, loader
             self.epoch += 1
             self.save()

@@ -38,9 +38,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The original's entry point keeps the original's defaults: its scoring lr goes first on the command
+    line, so a user's own --scoring_learning_rate (parsed later) still wins."""
     from flyt.cli import main as cli_main
+    from flyt.config import ORIGINAL_SCORING_LR
 
-    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+    argv = sys.argv[1:] if argv is None else argv
+    return cli_main(["train", "--scoring_learning_rate", str(ORIGINAL_SCORING_LR), *argv])
 
 
 if __name__ == "__main__":

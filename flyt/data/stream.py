@@ -9,6 +9,7 @@ so a run is reproducible and a resumed run continues with exactly the data of an
 from __future__ import annotations
 
 import random
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -39,6 +40,9 @@ class StreamConfig:
     rank: int = 0
     world_size: int = 1
     task_shards: list[list[str]] = field(default_factory=list)
+    val_fraction: float = 0.0  # share of each task's samples held out for validation (by key)
+    split: str = "train"  # task samples read: "train" (all but the held-out ones) or "val" (those alone)
+    downstream_only: bool = False  # items carry no upstream batch (validation's task batches)
 
     def __post_init__(self):
         if not self.task_shards:
@@ -62,6 +66,12 @@ def _raw_samples(shards: list[str], weights: list[float], rng: random.Random, bu
     return wds.shuffle(buffer, min(buffer, 100), rng=rng)(samples)
 
 
+def held_out(key: str, fraction: float) -> bool:
+    """Whether a task sample belongs to the validation split: by a hash of its key, so the split is the
+    same whatever the seed, the shard order or the number of processes."""
+    return zlib.crc32(key.encode("utf-8")) < fraction * 2 ** 32
+
+
 def reraise_with_shard(exc: Exception) -> bool:
     """webdataset handler: an unreadable shard is a one-line error naming it."""
     where = next((a for a in exc.args[1:] if isinstance(a, str)), "a shard")
@@ -82,15 +92,18 @@ class TrainStream(torch.utils.data.IterableDataset):
         skipped = Counter()
         shards = [s for src in cfg.sources for s in src.shards]
         weights = [src.weight for src in cfg.sources for _ in src.shards]
-        upstream = self._decoded(_raw_samples(shards, weights, rng, cfg.shuffle_buffer),
-                                 lambda raw: decode_pair(raw, skipped))
+        upstream = None if cfg.downstream_only else self._decoded(
+            _raw_samples(shards, weights, rng, cfg.shuffle_buffer), lambda raw: decode_pair(raw, skipped))
         if cfg.downstream_clip:
-            down = [self._decoded(self._mixed_task_samples(rng), lambda raw: decode_labelled(raw, skipped, True))]
+            down = [self._decoded(self._split(self._mixed_task_samples(rng)),
+                                  lambda raw: decode_labelled(raw, skipped, True))]
         else:
-            down = [self._decoded(_raw_samples(s, [1.0] * len(s), rng, cfg.shuffle_buffer),
+            down = [self._decoded(self._split(_raw_samples(s, [1.0] * len(s), rng, cfg.shuffle_buffer)),
                                   lambda raw: decode_labelled(raw, skipped)) for s in cfg.task_shards]
         while True:
-            step = {"upstream": self._upstream_batch(upstream), "worker": worker}
+            step = {"worker": worker}
+            if upstream is not None:
+                step["upstream"] = self._upstream_batch(upstream)
             if cfg.downstream_clip:
                 batch = [next(down[0]) for _ in range(cfg.downstream_batch)]
                 step["downstream"] = [{"name": "clip", "images": torch.stack([s["image"] for s in batch]),
@@ -99,6 +112,11 @@ class TrainStream(torch.utils.data.IterableDataset):
                 step["downstream"] = [self._task_batch(task, stream, rng) for task, stream in zip(cfg.tasks, down)]
             step["skipped"] = dict(skipped)
             yield step
+
+    def _split(self, raw: Iterator[dict]) -> Iterator[dict]:
+        """This stream's side of the held-out split of the task samples (all of them without one)."""
+        fraction, want = self.cfg.val_fraction, self.cfg.split == "val"
+        return raw if fraction <= 0 else (s for s in raw if held_out(s["__key__"], fraction) == want)
 
     def _decoded(self, raw: Iterator[dict], decode: Callable) -> Iterator[dict]:
         for sample in raw:
