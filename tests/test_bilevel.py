@@ -182,16 +182,16 @@ def _check_step(tiny_clip, mode: str, loss: str, with_dls: bool, logit_scale: fl
 def test_hypergradient_matches_finite_differences(tiny_clip, mode, with_dls):
     """Zero-shot downstream loss, unequal task weights.
 
-    Mutations caught: each task's share as 1/len(tasks) instead of weight/total; dropping the
-    ``g_img[local]`` term of h; cross-entropy without the temperature exp(dls)."""
+    Mutations caught: each task's share 1/len(tasks) instead of weight/total ([False-mflyt]); dropping
+    the ``u_img * g_img[local]`` term of h ([False-mflyt]); cross-entropy with multiplier 1 despite a
+    dls ([True-mflyt])."""
     _check_step(tiny_clip, mode, "zeroshot", with_dls)
 
 
 def test_downstream_clip_loss_hypergradient_matches_finite_differences(tiny_clip):
     """CLIP downstream loss with a learned temperature.
 
-    Mutations caught: dropping the ``g_txt[local]`` term of h; the CLIP loss's text cotangents replaced
-    by the image ones."""
+    Mutation caught: dropping the ``u_txt * g_txt[local]`` term of h."""
     _check_step(tiny_clip, "mflyt", "clip", with_dls=True)
 
 
@@ -203,9 +203,10 @@ def test_reference_logit_scale_path_without_downstream_temperature(tiny_clip, mo
     moves with theta' (AdamW on g's logit-scale entry, then the clamp). At a bound the update pushes it
     out and the clamp holds it; inside it moves freely.
 
-    Mutations caught: the multiplier exp(logit_scale(theta')) instead of 1 (reported losses and the
-    hypergradient); deleting the logit-scale term added to g (theta', inside); deleting the clamp
-    (theta', at either bound)."""
+    Mutations caught: the multiplier exp(logit_scale(theta')) instead of 1 ([mflyt-3.0], reported
+    losses); deleting the logit-scale term added to g ([mflyt-3.0], theta'); deleting the clamp
+    ([mflyt-2.0] and [mflyt-ln 100], theta'). The clamp mask on the logit scale's slope and its term in h
+    are gone: they multiplied dL_down/dtheta'_logit_scale, which is now 0."""
     result, params = _check_step(tiny_clip, mode, "clip", with_dls=False, logit_scale=logit_scale)
     moved = float(result.params["logit_scale"])
     if logit_scale in LOGIT_SCALE_BOUNDS:
