@@ -183,8 +183,8 @@ def test_hypergradient_matches_finite_differences(tiny_clip, mode, with_dls):
     """Zero-shot downstream loss, unequal task weights.
 
     Mutations caught: each task's share 1/len(tasks) instead of weight/total ([False-mflyt]); dropping
-    the ``u_img * g_img[local]`` term of h ([False-mflyt]); cross-entropy with multiplier 1 despite a
-    dls ([True-mflyt])."""
+    the ``u_img * g_img[local]`` term of h ([False-mflyt]); the temperature dls instead of exp(dls)
+    ([True-mflyt], reported losses)."""
     _check_step(tiny_clip, mode, "zeroshot", with_dls)
 
 
