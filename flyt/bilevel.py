@@ -189,66 +189,77 @@ def _upstream(embeds, params: Tensors, batch: dict, cfg: BilevelConfig) -> _Enco
     return _Encoded(embeds, pieces, params, keep_graph=cfg.accum_freq == 1)
 
 
+def _temperature(dls: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """The downstream logits' multiplier: exp(downstream logit scale), or exactly 1 without one (as the
+    original does for both losses), so the reference's own logit scale never enters the downstream loss."""
+    return dls.exp() if dls is not None else torch.ones((), dtype=like.dtype, device=like.device)
+
+
+def _zeroshot_task(encode, task: DownstreamBatch, dls: torch.Tensor | None, cfg: BilevelConfig, comm):
+    """Zero-shot cross-entropy on the global task batch against the gathered class prompts.
+
+    Returns (loss, gathered leaves, cotangents): ``cotangents(*leaf_grads)`` maps the leaves' gradients to
+    this rank's per-piece cotangents for ``encode``'s vjp."""
+    pieces = [{"image": x} for x in _chunks(task.images, cfg.accum_freq)]
+    has_classes = task.prompts is not None and task.prompts.shape[0] > 0  # a rank may hold none
+    enc = encode(pieces + ([{"text": task.prompts}] if has_classes else []))
+    image_values = enc.values[:len(pieces)]
+    img_local = torch.cat([v[0] for v in image_values])
+    cls_local = enc.values[-1][0] if has_classes else img_local.new_zeros((0, img_local.shape[1]))
+    img, classifier = comm.gather(img_local).requires_grad_(), comm.gather(cls_local).requires_grad_()
+    loss = zero_shot_loss(img, classifier, comm.gather(task.labels), _temperature(dls, img))
+
+    def cotangents(g_img, g_cls):
+        cot = [(c,) for c in _split_like(g_img[comm.local_slice(img_local.shape[0])], image_values, 0)]
+        return cot + ([(g_cls[comm.local_slice(cls_local.shape[0])],)] if has_classes else [])
+
+    return loss, enc, [img, classifier], cotangents
+
+
+def _clip_task(encode, task: DownstreamBatch, dls: torch.Tensor | None, cfg: BilevelConfig, comm):
+    """The CLIP loss on the global batch of the task's image-caption pairs; returns as ``_zeroshot_task``."""
+    enc = encode([{"image": x, "text": t}
+                  for x, t in zip(_chunks(task.images, cfg.accum_freq), _chunks(task.texts, cfg.accum_freq))])
+    img, txt = comm.gather(enc.cat(0)).requires_grad_(), comm.gather(enc.cat(1)).requires_grad_()
+    loss = clip_loss(img, txt, _temperature(dls, img))
+
+    def cotangents(g_img, g_txt):
+        sl = comm.local_slice(task.images.shape[0])
+        return list(zip(_split_like(g_img[sl], enc.values, 0), _split_like(g_txt[sl], enc.values, 1)))
+
+    return loss, enc, [img, txt], cotangents
+
+
+_DOWNSTREAM_TASKS = {"zeroshot": _zeroshot_task, "clip": _clip_task}
+
+
 def _downstream_grad(embeds, params: Tensors, dls: torch.Tensor | None, tasks: Sequence[DownstreamBatch],
                      cfg: BilevelConfig, comm, want_grad: bool = True) -> tuple[Tensors, torch.Tensor | None, dict[str, float]]:
     """Weighted mean downstream loss over tasks at ``params`` and (unless ``want_grad`` is False) its
     gradient w.r.t. params (summed over ranks) and w.r.t. the downstream logit scale."""
-    grads: Tensors = {}
+    task_loss = _DOWNSTREAM_TASKS[cfg.downstream_loss]
+    keep_graph = want_grad and cfg.accum_freq == 1
+
+    def encode(pieces):
+        return _Encoded(embeds, pieces, params, keep_graph)
+
     total_weight = sum(t.weight for t in tasks)
     dls_leaf = dls.detach().requires_grad_() if dls is not None else None
     dls_grad = torch.zeros_like(dls) if dls is not None else None
+    grads: Tensors = {}
     losses = {}
     for task in tasks:
-        if cfg.downstream_loss == "zeroshot":
-            pieces = [{"image": x} for x in _chunks(task.images, cfg.accum_freq)]
-            has_classes = task.prompts is not None and task.prompts.shape[0] > 0  # a rank may hold none
-            pieces += [{"text": task.prompts}] if has_classes else []
-        else:
-            pieces = [{"image": x, "text": t}
-                      for x, t in zip(_chunks(task.images, cfg.accum_freq), _chunks(task.texts, cfg.accum_freq))]
-        enc = _Encoded(embeds, pieces, params, keep_graph=want_grad and cfg.accum_freq == 1)
         with torch.enable_grad():
-            if cfg.downstream_loss == "zeroshot":
-                n_img_pieces = len(enc.values) - has_classes
-                img_local = torch.cat([v[0] for v in enc.values[:n_img_pieces]])
-                cls_local = enc.values[-1][0] if has_classes else img_local.new_zeros((0, img_local.shape[1]))
-                img = comm.gather(img_local).requires_grad_()
-                classifier = comm.gather(cls_local).requires_grad_()
-                labels = comm.gather(task.labels)
-                scale = dls_leaf.exp() if dls_leaf is not None else torch.ones((), dtype=img.dtype, device=img.device)
-                loss = zero_shot_loss(img, classifier, labels, scale)
-                leaves = [img, classifier]
-            else:
-                img, txt = comm.gather(enc.cat(0)).requires_grad_(), comm.gather(enc.cat(1)).requires_grad_()
-                ls = params["logit_scale"].detach().requires_grad_()
-                scale = dls_leaf.exp() if dls_leaf is not None else ls.exp()
-                loss = clip_loss(img, txt, scale)
-                leaves = [img, txt, ls]
-            extra = [dls_leaf] if dls_leaf is not None else []
+            loss, enc, leaves, cotangents = task_loss(encode, task, dls_leaf, cfg, comm)
         losses[f"downstream_loss/{task.name}"] = float(loss.detach())
         if not want_grad:
             continue
-        all_grads = torch.autograd.grad(loss, leaves + extra, allow_unused=True)
         share = task.weight / total_weight
-        if cfg.downstream_loss == "zeroshot":
-            g_img, g_cls = all_grads[0], all_grads[1]
-            n_img = img_local.shape[0]
-            g_img_local = g_img[comm.local_slice(n_img)]
-            g_cls_local = g_cls[comm.local_slice(cls_local.shape[0])]
-            cot = [(c,) for c in _split_like(g_img_local, enc.values[:n_img_pieces], 0)]
-            cot += [(g_cls_local,)] if has_classes else []
-        else:
-            g_img, g_txt, g_ls = all_grads[:3]
-            sl = comm.local_slice(task.images.shape[0])
-            cot = list(zip(_split_like(g_img[sl], enc.values, 0), _split_like(g_txt[sl], enc.values, 1)))
-        task_grads = enc.vjp(cot, cfg.loss_scale)
-        if cfg.downstream_loss == "clip" and g_ls is not None:
-            # replicated on every rank: each adds its 1/W share before the sum
-            task_grads["logit_scale"] = task_grads["logit_scale"] + g_ls / comm.world_size
-        for k, g in task_grads.items():
+        all_grads = torch.autograd.grad(loss, leaves + ([dls_leaf] if dls_leaf is not None else []))
+        for k, g in enc.vjp(cotangents(*all_grads[:len(leaves)]), cfg.loss_scale).items():
             g = g.mul_(share) if share != 1.0 else g
             grads[k] = grads[k].add_(g) if k in grads else g
-        if dls_leaf is not None and all_grads[-1] is not None:
+        if dls_leaf is not None:
             dls_grad += all_grads[-1] * share
     if want_grad:
         comm.all_reduce_sum(list(grads.values()))
@@ -286,8 +297,7 @@ def flyt_step(reference: nn.Module, params: Tensors, opt_state: AdamWState, lr: 
     lo, hi = cfg.logit_scale_bounds
     with torch.no_grad():
         new_params, new_state, slope = adamw_update(params, grad, opt_state, lr, cfg.adamw)
-        unclamped = new_params["logit_scale"]
-        new_params["logit_scale"] = unclamped.clamp(lo, hi)
+        new_params["logit_scale"] = new_params["logit_scale"].clamp(lo, hi)
 
     # 5. downstream loss at theta' and its gradient
     down_grad, dls_grad, metrics = _downstream_grad(embeds, new_params, dls, tasks, cfg, comm)
@@ -295,8 +305,9 @@ def flyt_step(reference: nn.Module, params: Tensors, opt_state: AdamWState, lr: 
         before = _downstream_grad(embeds, params, dls, tasks, cfg, comm, want_grad=False)[2]
         metrics.update({k.replace("downstream_loss", "pre_update_loss"): v for k, v in before.items()})
 
-    # 6. v = dL_down/dg through the AdamW map (and the logit-scale clamp)
-    slope["logit_scale"] = slope["logit_scale"] * ((unclamped >= lo) & (unclamped <= hi))
+    # 6. v = dL_down/dg through the AdamW map. The downstream temperature is exp(dls) or 1, never the
+    # reference's logit scale, so v["logit_scale"] = 0: the clamp's slope and the logit scale's part of
+    # <v, grad L_w> drop out (g's logit-scale entry still moves theta', step 4)
     v = {k: slope[k].mul_(down_grad[k]) for k in slope}
 
     # 7. u = J_e v (forward mode), then h = <u, dL_w/de>, whose gradient in w is dL_down/dw
@@ -306,8 +317,7 @@ def flyt_step(reference: nn.Module, params: Tensors, opt_state: AdamWState, lr: 
     comm.all_reduce_sum([bad])  # every rank skips together (g and dL_down/dtheta' are already summed)
     finite = bool(bad == 0) and all(torch.isfinite(t).all() for t in (*down_grad.values(), *grad.values()))
     with torch.enable_grad():
-        h = (u_img * g_img[local]).sum() + (u_txt * g_txt[local]).sum() \
-            + _wide(v["logit_scale"]).sum() * g_tau / comm.world_size
+        h = (u_img * g_img[local]).sum() + (u_txt * g_txt[local]).sum()
         # 8. grad_phi through softmax and q_phi
         trainable = [p for p in scorer.parameters() if p.requires_grad]
         if finite:
