@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, get_args, get_origin, get_type_hints
 
 from flyt.errors import FlytError
-
-PRECISIONS = ("fp32", "amp", "amp_bf16", "bf16")
+from flyt.precision import parse_precision
 
 
 def _f(default: Any, help: str, **kw) -> Any:
@@ -51,7 +50,8 @@ class TrainConfig:
     report_to_wandb: bool = _f(False, "log to Weights & Biases (honours WANDB_MODE=offline)")
     wandb_project_name: str = _f("flyt", "wandb project")
     device: str | None = _f(None, "(flyt) cpu, cuda, cuda:1 ... (default: cuda if available)")
-    precision: str = _f("fp32", "fp32 | amp (fp16 autocast + loss scaling) | amp_bf16 | bf16", choices=PRECISIONS)
+    precision: str | None = _f(None, "fp32 | amp (fp16 autocast + loss scaling) | amp_bf16 (= amp_bfloat16) | bf16 "
+                                     "(default: amp on CUDA, else fp32)")
     scaler_scale: float = _f(2.0 ** 16, "initial loss scale for --precision amp")
     # models
     model: str = _f("ViT-B-32", "OpenCLIP architecture of the reference and scoring models")
@@ -92,8 +92,7 @@ class TrainConfig:
             raise FlytError(f"--num_checkpoints {self.num_checkpoints} exceeds the {self.n_iterations} steps")
         if bool(self.parquet_dir) != bool(self.parquet_fields):
             raise FlytError("M-FLYT needs both --parquet_dir and --parquet_fields")
-        if self.precision not in PRECISIONS:
-            raise FlytError(f"--precision must be one of {', '.join(PRECISIONS)}")
+        self.precision = parse_precision(self.precision)
 
     @property
     def mode(self) -> str:
@@ -143,7 +142,7 @@ class ClipTrainConfig:
     seed: int = _f(0, "seed of initialisation and data order")
     workers: int = _f(2, "data loader processes")
     device: str | None = _f(None, "cpu, cuda, ... (default: cuda if available)")
-    precision: str = _f("fp32", "fp32 | amp | amp_bf16 | bf16", choices=PRECISIONS)
+    precision: str | None = _f(None, "fp32 | amp | amp_bf16 (= amp_bfloat16) | bf16 (default: amp on CUDA, else fp32)")
     log_every_n_steps: int = _f(50, "console/metrics line every this many steps")
 
     def __post_init__(self):
@@ -152,6 +151,7 @@ class ClipTrainConfig:
                 raise FlytError(f"--{name} must be >= 1 (got {getattr(self, name)})")
         if self.warmup < 0 or self.workers < 0:
             raise FlytError("--warmup and --workers must be >= 0")
+        self.precision = parse_precision(self.precision)
 
     @property
     def run_name(self) -> str:

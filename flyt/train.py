@@ -24,7 +24,7 @@ from flyt.data.tasks import parse_task_names
 from flyt.errors import FlytError
 from flyt.models import ScorerSpec, build_scorer, create_clip
 from flyt.optim import AdamWConfig, AdamWState, cosine_lr, decays
-from flyt.precision import resolve_device
+from flyt.precision import resolve_device, resolve_precision
 
 
 @dataclass
@@ -62,6 +62,7 @@ def _per_rank(total: int, comm, accum: int, flag: str) -> int:
 class Trainer:
     def __init__(self, cfg: TrainConfig, comm=None):
         self.cfg, self.comm = cfg, comm or LocalComm()
+        cfg.precision = resolve_precision(cfg.precision)  # the default (None) becomes what runs, also in config.json
         self.device = resolve_device(cfg.device, cfg.precision)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)

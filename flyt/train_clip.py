@@ -33,8 +33,9 @@ def train_clip(cfg) -> tuple[dict, dict[str, int]]:
     from flyt.errors import FlytError
     from flyt.models import create_clip
     from flyt.optim import decays
-    from flyt.precision import autocast, resolve_device
+    from flyt.precision import autocast, resolve_device, resolve_precision
 
+    cfg.precision = resolve_precision(cfg.precision)
     device = resolve_device(cfg.device, cfg.precision)
     torch.manual_seed(cfg.seed)
     model, preprocess_train, _, tokenizer = create_clip(cfg.model, cfg.pretrained, device, cfg.precision)
