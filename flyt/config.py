@@ -15,6 +15,11 @@ from typing import Any, get_args, get_origin, get_type_hints
 from flyt.errors import FlytError
 from flyt.precision import parse_precision
 
+ADAMW_HELP = {"beta1": "AdamW beta1 (default 0.9)",  # defaults: flyt.optim.AdamWConfig.for_model
+              "beta2": "AdamW beta2 (default, as OpenCLIP: 0.98 for ViT models, else 0.999)",
+              "eps": "AdamW epsilon (default, as OpenCLIP: 1e-6 for ViT models, else 1e-8)"}
+DLS_OPTIMIZERS = ("reference", "scoring")  # which optimizer updates the downstream temperature
+
 
 def _f(default: Any, help: str, **kw) -> Any:
     meta = {"help": help, **kw}
@@ -60,6 +65,9 @@ class TrainConfig:
     full_scoring_pretrained: str | None = _f(None, "a scoring checkpoint to start the whole scoring model from")
     update_reference_model: bool = _f(False, "move the reference to theta' after every step")
     downstream_logit_scale: float | None = _f(None, "initial log downstream temperature, learned (e.g. 2.65926)")
+    downstream_logit_scale_optimizer: str = _f(
+        "reference", "(flyt) update the downstream temperature like the original, with the reference's AdamW "
+        "settings and schedule (reference), or in the scoring optimizer (scoring)", choices=DLS_OPTIMIZERS)
     train_full_scoring: bool = _f(False, "train the scoring model's CLIP base too, not only its head")
     n_scoring_layers: int = _f(1, "GLU layers in the scoring head")
     hidden_dim_mod: float = _f(1.0, "GLU hidden size = int(2 * embed_dim * this)")
@@ -75,6 +83,9 @@ class TrainConfig:
     n_iterations: int | None = _f(None, "training steps")
     reference_num_samples: int | None = _f(None, "instead of --n_iterations: upstream samples to train on")
     accum_freq: int = _f(1, "process each batch in this many chunks (memory; same mathematics)")
+    beta1: float | None = _f(None, ADAMW_HELP["beta1"])
+    beta2: float | None = _f(None, ADAMW_HELP["beta2"])
+    eps: float | None = _f(None, ADAMW_HELP["eps"])
 
     def __post_init__(self):
         if (self.n_iterations is None) == (self.reference_num_samples is None):
@@ -93,6 +104,9 @@ class TrainConfig:
         if bool(self.parquet_dir) != bool(self.parquet_fields):
             raise FlytError("M-FLYT needs both --parquet_dir and --parquet_fields")
         self.precision = parse_precision(self.precision)
+        if self.downstream_logit_scale_optimizer not in DLS_OPTIMIZERS:
+            raise FlytError(f"--downstream_logit_scale_optimizer must be one of {', '.join(DLS_OPTIMIZERS)}, "
+                            f"not {self.downstream_logit_scale_optimizer!r}")
 
     @property
     def mode(self) -> str:
@@ -139,6 +153,9 @@ class ClipTrainConfig:
     lr: float = _f(5e-4, "peak learning rate (cosine schedule)")
     warmup: int = _f(500, "linear warmup steps")
     wd: float = _f(0.2, "AdamW weight decay on >=2-D weights")
+    beta1: float | None = _f(None, ADAMW_HELP["beta1"])
+    beta2: float | None = _f(None, ADAMW_HELP["beta2"])
+    eps: float | None = _f(None, ADAMW_HELP["eps"])
     seed: int = _f(0, "seed of initialisation and data order")
     workers: int = _f(2, "data loader processes")
     device: str | None = _f(None, "cpu, cuda, ... (default: cuda if available)")
