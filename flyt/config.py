@@ -15,8 +15,12 @@ from dataclasses import dataclass, field
 from typing import Any, get_args, get_origin, get_type_hints
 
 from flyt.errors import FlytError
+from flyt.precision import parse_precision
 
-PRECISIONS = ("fp32", "amp", "amp_bf16", "bf16")
+ADAMW_HELP = {"beta1": "AdamW beta1 (default 0.9)",  # defaults: flyt.optim.AdamWConfig.for_model
+              "beta2": "AdamW beta2 (default, as OpenCLIP: 0.98 for ViT models, else 0.999)",
+              "eps": "AdamW epsilon (default, as OpenCLIP: 1e-6 for ViT models, else 1e-8)"}
+DLS_OPTIMIZERS = ("reference", "scoring")  # which optimizer updates the downstream temperature
 
 
 def _f(default: Any, help: str, **kw) -> Any:
@@ -60,7 +64,8 @@ class TrainConfig:
                              "hash of the sample key (default: the tasks' own val/ folders)")
     keep_best: bool = _f(False, "(flyt) with --val_every: keep the scoring model of the best gain as scoring_best.pt")
     device: str | None = _f(None, "(flyt) cpu, cuda, cuda:1 ... (default: cuda if available)")
-    precision: str = _f("fp32", "fp32 | amp (fp16 autocast + loss scaling) | amp_bf16 | bf16", choices=PRECISIONS)
+    precision: str | None = _f(None, "fp32 | amp (fp16 autocast + loss scaling) | amp_bf16 (= amp_bfloat16) | bf16 "
+                                     "(default: amp on CUDA, else fp32)")
     scaler_scale: float = _f(2.0 ** 16, "initial loss scale for --precision amp")
     # models
     model: str = _f("ViT-B-32", "OpenCLIP architecture of the reference and scoring models")
@@ -69,6 +74,9 @@ class TrainConfig:
     full_scoring_pretrained: str | None = _f(None, "a scoring checkpoint to start the whole scoring model from")
     update_reference_model: bool = _f(False, "move the reference to theta' after every step")
     downstream_logit_scale: float | None = _f(None, "initial log downstream temperature, learned (e.g. 2.65926)")
+    downstream_logit_scale_optimizer: str = _f(
+        "reference", "(flyt) update the downstream temperature like the original, with the reference's AdamW "
+        "settings and schedule (reference), or in the scoring optimizer (scoring)", choices=DLS_OPTIMIZERS)
     train_full_scoring: bool = _f(False, "train the scoring model's CLIP base too, not only its head")
     n_scoring_layers: int = _f(1, "GLU layers in the scoring head")
     hidden_dim_mod: float = _f(1.0, "GLU hidden size = int(2 * embed_dim * this)")
@@ -88,6 +96,9 @@ class TrainConfig:
     n_iterations: int | None = _f(None, "training steps")
     reference_num_samples: int | None = _f(None, "instead of --n_iterations: upstream samples to train on")
     accum_freq: int = _f(1, "process each batch in this many chunks (memory; same mathematics)")
+    beta1: float | None = _f(None, ADAMW_HELP["beta1"])
+    beta2: float | None = _f(None, ADAMW_HELP["beta2"])
+    eps: float | None = _f(None, ADAMW_HELP["eps"])
 
     def __post_init__(self):
         if (self.n_iterations is None) == (self.reference_num_samples is None):
@@ -105,6 +116,10 @@ class TrainConfig:
             raise FlytError(f"--num_checkpoints {self.num_checkpoints} exceeds the {self.n_iterations} steps")
         if bool(self.parquet_dir) != bool(self.parquet_fields):
             raise FlytError("M-FLYT needs both --parquet_dir and --parquet_fields")
+        self.precision = parse_precision(self.precision)
+        if self.downstream_logit_scale_optimizer not in DLS_OPTIMIZERS:
+            raise FlytError(f"--downstream_logit_scale_optimizer must be one of {', '.join(DLS_OPTIMIZERS)}, "
+                            f"not {self.downstream_logit_scale_optimizer!r}")
         if self.scoring_trainable != "all" and (self.mode != "flyt" or self.train_full_scoring):
             raise FlytError(f"--scoring_trainable {self.scoring_trainable} applies to a FLYT head alone: "
                             "not with M-FLYT or --train_full_scoring")
@@ -113,8 +128,6 @@ class TrainConfig:
                             f"{self.val_every}, {self.val_batches}, {self.val_fraction:g})")
         if (self.keep_best or self.val_fraction > 0) and not self.val_every:
             raise FlytError("--keep_best and --val_fraction belong to validation: give --val_every N too")
-        if self.precision not in PRECISIONS:
-            raise FlytError(f"--precision must be one of {', '.join(PRECISIONS)}")
 
     @property
     def mode(self) -> str:
@@ -198,10 +211,13 @@ class ClipTrainConfig:
     lr: float = _f(5e-4, "peak learning rate (cosine schedule)")
     warmup: int = _f(500, "linear warmup steps")
     wd: float = _f(0.2, "AdamW weight decay on >=2-D weights")
+    beta1: float | None = _f(None, ADAMW_HELP["beta1"])
+    beta2: float | None = _f(None, ADAMW_HELP["beta2"])
+    eps: float | None = _f(None, ADAMW_HELP["eps"])
     seed: int = _f(0, "seed of initialisation and data order")
     workers: int = _f(2, "data loader processes")
     device: str | None = _f(None, "cpu, cuda, ... (default: cuda if available)")
-    precision: str = _f("fp32", "fp32 | amp | amp_bf16 | bf16", choices=PRECISIONS)
+    precision: str | None = _f(None, "fp32 | amp | amp_bf16 (= amp_bfloat16) | bf16 (default: amp on CUDA, else fp32)")
     log_every_n_steps: int = _f(50, "console/metrics line every this many steps")
 
     def __post_init__(self):
@@ -210,6 +226,7 @@ class ClipTrainConfig:
                 raise FlytError(f"--{name} must be >= 1 (got {getattr(self, name)})")
         if self.warmup < 0 or self.workers < 0:
             raise FlytError("--warmup and --workers must be >= 0")
+        self.precision = parse_precision(self.precision)
 
     @property
     def run_name(self) -> str:

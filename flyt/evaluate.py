@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from flyt.errors import FlytError
+from flyt.precision import PRECISIONS as _MODES
 
-PRECISIONS = ("fp32", "amp", "amp_bf16")
+PRECISIONS = tuple(m for m in _MODES if m != "bf16")  # autocast modes: the model loads in fp32
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,8 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch_size", type=int, default=256, help="test images per forward pass")
     parser.add_argument("--workers", type=int, default=2, help="data-loader processes decoding test images")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                        help="fp32; amp / amp_bf16: autocast in fp16 (CUDA only) / bf16")
+    parser.add_argument("--precision", default=None,
+                        help="fp32; amp / amp_bf16 (= amp_bfloat16): autocast in fp16 (CUDA only) / bf16 "
+                             "(default: amp on CUDA, else fp32)")
 
 
 # ----------------------------------------------------------------------------------------------- tasks
@@ -336,8 +338,9 @@ def _write_jsonl(path: Path, lines: list[dict]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flyt.precision import resolve_device
+    from flyt.precision import resolve_device, resolve_precision
 
+    args.precision = resolve_precision(args.precision, PRECISIONS)
     device = resolve_device(args.device, args.precision)  # fail before any loading
     if args.batch_size < 1 or args.workers < 0:
         raise FlytError(f"--batch_size must be >= 1 and --workers >= 0 (got {args.batch_size}, {args.workers})")

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from flyt.errors import FlytError
+
 Tensors = dict[str, torch.Tensor]
 
 
@@ -21,6 +23,23 @@ class AdamWConfig:
     beta2: float = 0.98
     eps: float = 1e-6
     weight_decay: float = 0.2
+
+    @classmethod
+    def for_model(cls, model: str, beta1: float | None = None, beta2: float | None = None,
+                  eps: float | None = None, weight_decay: float = 0.2) -> "AdamWConfig":
+        """OpenCLIP's training defaults by model name, as the original uses them: beta2 0.98 and eps 1e-6
+        when the name contains "vit" (any case), else 0.999 and 1e-8; the --beta1/--beta2/--eps flags override."""
+        vit = "vit" in model.lower()
+        cfg = cls(0.9 if beta1 is None else beta1, (0.98 if vit else 0.999) if beta2 is None else beta2,
+                  (1e-6 if vit else 1e-8) if eps is None else eps, weight_decay)
+        if not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1 and cfg.eps >= 0):
+            raise FlytError(f"--beta1 and --beta2 must be in [0, 1) and --eps >= 0 "
+                            f"(got {cfg.beta1}, {cfg.beta2}, {cfg.eps})")
+        return cfg
+
+    @property
+    def betas(self) -> tuple[float, float]:
+        return self.beta1, self.beta2
 
 
 @dataclass

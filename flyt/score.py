@@ -42,7 +42,6 @@ from pathlib import Path
 
 from flyt.errors import FlytError
 
-PRECISIONS = ("fp32", "amp", "amp_bf16", "bf16")
 SUMMARY = "_summary.json"
 META_KEY = b"flyt_score"  # per-shard statistics in each output file's parquet metadata
 # uids and keys are unique (no dictionary) and hex (zstd halves them); min/max statistics only for scores
@@ -68,8 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=4,
                         help="FLYT: data-loader processes (each reads whole shards); M-FLYT: threads, one shard each")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                        help="fp32; amp / amp_bf16: autocast (fp16 needs CUDA); bf16: bf16 weights")
+    parser.add_argument("--precision", default=None,
+                        help="fp32; amp / amp_bf16 (= amp_bfloat16): autocast (fp16 needs CUDA); bf16: bf16 weights "
+                             "(default: amp on CUDA, else fp32)")
     add_job_split_arguments(parser)
 
 
@@ -973,8 +973,9 @@ def run(args: argparse.Namespace) -> int:
             raise FlytError(f"--output {output.path} would overwrite the pool's metadata {shard.metadata}: "
                             "write the scores to another folder")
     mine = [s for j, s in enumerate(shards) if j % jobs == job]
-    from flyt.precision import resolve_device
+    from flyt.precision import resolve_device, resolve_precision
 
+    args.precision = resolve_precision(args.precision)
     device = resolve_device(args.device, args.precision)
     model, spec = _load(args, device)
     mixer = None

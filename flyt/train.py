@@ -25,7 +25,7 @@ from flyt.diagnostics import Probe, batch_diagnostics
 from flyt.errors import FlytError
 from flyt.models import ScorerSpec, build_scorer, create_clip, restrict_trainable
 from flyt.optim import AdamWConfig, AdamWState, cosine_lr, decays
-from flyt.precision import autocast, resolve_device
+from flyt.precision import autocast, resolve_device, resolve_precision
 from flyt.validation import Validation, weighting_gain
 
 
@@ -64,6 +64,7 @@ def _per_rank(total: int, comm, accum: int, flag: str) -> int:
 class Trainer:
     def __init__(self, cfg: TrainConfig, comm=None):
         self.cfg, self.comm = cfg, comm or LocalComm()
+        cfg.precision = resolve_precision(cfg.precision)  # the default (None) becomes what runs, also in config.json
         self.device = resolve_device(cfg.device, cfg.precision)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -111,15 +112,22 @@ class Trainer:
         named = [(n, p) for n, p in self.scorer.named_parameters() if p.requires_grad]
         groups = [{"params": [p for n, p in named if decays(n, p)], "weight_decay": 0.2},
                   {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0}]
-        if self.dls is not None:
+        adamw = AdamWConfig.for_model(cfg.model, cfg.beta1, cfg.beta2, cfg.eps)
+        # the downstream temperature: like the original, its own AdamW at the reference's learning rate and
+        # schedule, no decay (the reference's update is functional, so it cannot join that optimizer)
+        self.dls_opt = None
+        if self.dls is not None and cfg.downstream_logit_scale_optimizer == "scoring":
             groups.append({"params": [self.dls], "weight_decay": 0.0})
+        elif self.dls is not None:
+            self.dls_opt = torch.optim.AdamW([self.dls], lr=cfg.reference_learning_rate, betas=adamw.betas,
+                                             eps=adamw.eps, weight_decay=0.0)
         self.scoring_opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.scoring_learning_rate,
-                                             betas=(0.9, 0.98), eps=1e-6)
+                                             betas=adamw.betas, eps=adamw.eps)
         self.loss_scale = LossScale(cfg.scaler_scale, dynamic=True) if cfg.precision == "amp" else LossScale()
         self.step, self.epoch = 0, 0
         self.skipped_steps = 0
         self.probe: Probe | None = None
-        self.bilevel = BilevelConfig(AdamWConfig(), "clip" if cfg.downstream_clip_loss else "zeroshot",
+        self.bilevel = BilevelConfig(adamw, "clip" if cfg.downstream_clip_loss else "zeroshot",
                                      cfg.update_reference_model, cfg.accum_freq, precision=cfg.precision)
 
     # ---- checkpoints -------------------------------------------------------------------------------
@@ -128,7 +136,8 @@ class Trainer:
         meta = {"scorer": self.spec.to_dict(), "step": self.step, "config": dataclasses.asdict(self.cfg),
                 "loss_scale": dataclasses.asdict(self.loss_scale), "skipped_steps": self.skipped_steps,
                 "rng": torch.get_rng_state(), "probe_initial": self.probe.initial if self.probe else None,
-                "validation": self.validation.state() if self.validation else None}
+                "validation": self.validation.state() if self.validation else None,
+                "dls_optimizer": self.dls_opt.state_dict() if self.dls_opt is not None else None}
         scoring = {"epoch": self.epoch, "name": self.cfg.run_name, "state_dict": self.scorer.state_dict(),
                    "optimizer": self.scoring_opt.state_dict(), "downstream_logit_scale": dls, "flyt": meta}
         reference = {"epoch": self.epoch, "name": self.cfg.run_name, "state_dict": self.reference.state_dict(),
@@ -149,6 +158,12 @@ class Trainer:
         scoring, reference = (checkpoint.load(p) for p in paths)
         self.scorer.load_state_dict(scoring["state_dict"])
         self.scoring_opt.load_state_dict(scoring["optimizer"])
+        saved = scoring["flyt"].get("dls_optimizer")
+        if (saved is None) != (self.dls_opt is None):
+            raise FlytError(f"--resume {paths[0]}: written with other --downstream_logit_scale(_optimizer) flags; "
+                            "resume with the run's own flags")
+        if self.dls_opt is not None:
+            self.dls_opt.load_state_dict(saved)
         with torch.no_grad():
             self.reference.load_state_dict(reference["state_dict"])
             if self.dls is not None:
@@ -193,7 +208,7 @@ class Trainer:
         lr = cosine_lr(cfg.reference_learning_rate, cfg.warmup, cfg.n_iterations, max(self.step - 1, 0))  # the step's
         metrics = weighting_gain(self.reference, self.params, self.opt_state, lr, self._to_device(bundle)[0],
                                  self._scores(bundle["upstream"]), held_out, self.dls, self.bilevel.downstream_loss,
-                                 cfg.accum_freq)
+                                 cfg.accum_freq, self.bilevel.adamw)
         if self.validation.record(metrics["val/gain"], self.step) and cfg.keep_best:
             checkpoint.save_best(self.ckpt_dir, self._payloads()[0])
         return dict(metrics, step=self.step)
@@ -225,12 +240,16 @@ class Trainer:
         for group in self.scoring_opt.param_groups:
             group["lr"] = scoring_lr
         diagnostics = self._diagnostics(bundle["upstream"]) if self._logs(self.step + 1) else {}
+        optimizers = [self.scoring_opt] + ([self.dls_opt] if self.dls_opt is not None else [])
+        if self.dls_opt is not None:
+            self.dls_opt.param_groups[0]["lr"] = ref_lr
         up, tasks = self._to_device(bundle)
         step_cfg = dataclasses.replace(self.bilevel, loss_scale=self.loss_scale.scale, log_pre_update=cfg.log_pre_update)
         result = flyt_step(self.reference, self.params, self.opt_state, ref_lr, self.scorer, up, tasks,
                            self.dls, step_cfg, self.comm)
         if result.finite:
-            self.scoring_opt.step()
+            for opt in optimizers:
+                opt.step()
             with torch.no_grad():  # the module holds theta: copy in place, no second copy of the weights
                 for k, p in self.reference.named_parameters():
                     p.copy_(result.params[k])
@@ -238,7 +257,8 @@ class Trainer:
         else:
             self.skipped_steps += 1
             tqdm.write(f"step {self.step}: non-finite gradients at loss scale {self.loss_scale.scale:g}: step skipped")
-        self.scoring_opt.zero_grad(set_to_none=True)
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
         self.loss_scale.update(result.finite)
         self.step += 1
         metrics = dict(result.metrics, step=self.step, reference_lr=ref_lr, scoring_lr=scoring_lr, **diagnostics)

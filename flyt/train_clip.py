@@ -66,12 +66,14 @@ def train_clip(cfg) -> tuple[dict, dict[str, int]]:
     from flyt.data.subset_stream import SubsetCounts, SubsetStream
     from flyt.errors import FlytError
     from flyt.models import create_clip
-    from flyt.optim import decays
-    from flyt.precision import autocast, resolve_device
+    from flyt.optim import AdamWConfig, decays
+    from flyt.precision import autocast, resolve_device, resolve_precision
 
     if cfg.subset:
         check_not_resharded_from(cfg.upstream_data_dir, cfg.subset)
+    cfg.precision = resolve_precision(cfg.precision)
     device = resolve_device(cfg.device, cfg.precision)
+    adamw = AdamWConfig.for_model(cfg.model, cfg.beta1, cfg.beta2, cfg.eps)
     torch.manual_seed(cfg.seed)
     model, preprocess_train, _, tokenizer = create_clip(cfg.model, cfg.pretrained, device, cfg.precision)
     shards = [s for src in parse_sources(cfg.upstream_data_dir) for s in src.shards]
@@ -82,7 +84,7 @@ def train_clip(cfg) -> tuple[dict, dict[str, int]]:
     optimizer = torch.optim.AdamW(
         [{"params": [p for n, p in named if decays(n, p)], "weight_decay": cfg.wd},
          {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+        lr=cfg.lr, betas=adamw.betas, eps=adamw.eps)
     schedule = cosine_lr(optimizer, cfg.lr, cfg.warmup, cfg.steps)
     loss_fn = ClipLoss()
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "amp" else None

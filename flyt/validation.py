@@ -74,24 +74,27 @@ def downstream_loss(reference, params: Tensors, batches: Sequence[Sequence[Downs
     for tasks in batches:
         weight = sum(t.weight for t in tasks)
         for t in tasks:
+            # the step's multiplier: the learned downstream temperature, else exactly 1 (as the original)
+            scale = dls.float().exp() if dls is not None else torch.ones((), device=t.images.device)
             if kind == "zeroshot":
                 (img,), (cls,) = _embed(reference, params, image=t.images), _embed(reference, params, text=t.prompts)
-                scale = dls.exp() if dls is not None else torch.ones((), device=img.device)
                 loss = zero_shot_loss(img, cls, t.labels, scale)
             else:
                 img, txt = _embed(reference, params, image=t.images, text=t.texts)
-                loss = clip_loss(img, txt, (dls if dls is not None else params["logit_scale"]).float().exp())
+                loss = clip_loss(img, txt, scale)
             total += float(loss) * t.weight / weight
     return total / len(batches)
 
 
 def weighting_gain(reference, params: Tensors, opt_state: AdamWState, lr: float, upstream: dict,
-                   scores: torch.Tensor, batches, dls: torch.Tensor | None, kind: str, chunks: int = 1) -> dict:
+                   scores: torch.Tensor, batches, dls: torch.Tensor | None, kind: str, chunks: int = 1,
+                   adamw: AdamWConfig = AdamWConfig()) -> dict:
     """Downstream loss after a uniform step minus that after the ``softmax(scores)`` step (> 0: the filter helps)."""
     log_w = torch.log_softmax(scores.detach().float(), dim=0)
     uniform = torch.full_like(log_w, -math.log(log_w.numel()))
     learned_loss, uniform_loss = (
-        downstream_loss(reference, stepped(reference, params, opt_state, lr, upstream, w, chunks), batches, dls, kind)
+        downstream_loss(reference, stepped(reference, params, opt_state, lr, upstream, w, chunks, adamw), batches, dls,
+                        kind)
         for w in (log_w, uniform))
     return {"val/gain": uniform_loss - learned_loss, "val/loss_learned": learned_loss, "val/loss_uniform": uniform_loss}
 

@@ -45,6 +45,11 @@ def _assert_same(a: dict, b: dict) -> None:
             for k, v in a[name][key].items():
                 assert torch.equal(v, b[name][key][k]), (name, k)
         assert a[name]["epoch"] == b[name]["epoch"]
+        assert torch.equal(a[name]["downstream_logit_scale"], b[name]["downstream_logit_scale"]), name
+        if "flyt" in a[name]:  # the temperature's own AdamW state (default --downstream_logit_scale_optimizer)
+            for k in ("exp_avg", "exp_avg_sq", "step"):
+                assert torch.equal(a[name]["flyt"]["dls_optimizer"]["state"][0][k],
+                                   b[name]["flyt"]["dls_optimizer"]["state"][0][k]), (name, k)
 
 
 @pytest.mark.parametrize("mode", ["flyt", "mflyt"])
