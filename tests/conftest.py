@@ -8,6 +8,15 @@ import torch
 from flyt.models import create_clip
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny forwards on a shared 2-core machine: a second intra-op thread only waits for a busy core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_clip():
     """(model, preprocess_train, preprocess_val, tokenizer) for flyt-tiny, random init, fixed seed."""

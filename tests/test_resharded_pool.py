@@ -33,12 +33,7 @@ STATS_KEYS = {"count", "successes", "failed_to_download", "failed_to_resize", "d
               "end_time", "status_dict"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rename_datacomp_style(tar_path: Path) -> None:

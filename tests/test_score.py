@@ -20,13 +20,7 @@ FIELDS = ["informative", "noise_a", "noise_b"]
 N_BROKEN = 5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny forwards on a shared 2-core machine: a second intra-op thread only waits for a busy core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
