@@ -59,12 +59,13 @@ def _metrics(root: Path) -> dict[str, pd.DataFrame]:
 
 
 def _diagnostics_table(metrics: dict[str, pd.DataFrame], best: dict[str, int | None], rows: int = 5) -> list[str]:
-    """Up to ``rows`` evenly spaced steps per run (first and last included), and what to read from each column."""
+    """Up to ``rows`` evenly spaced steps per run (first, last and best included), and what to read from each column."""
     keys = list(DIAGNOSTICS)
     lines = ["| run | step | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
     for label, frame in metrics.items():
         frame = frame[frame[keys].notna().any(axis=1)]
-        for step in frame.index[np.unique(np.linspace(0, len(frame) - 1, rows).round().astype(int))]:
+        steps = set(frame.index[np.unique(np.linspace(0, len(frame) - 1, rows).round().astype(int))])
+        for step in sorted(steps | ({best[label]} if best[label] in frame.index else set())):
             mark = " (best)" if step == best[label] else ""
             values = " | ".join(f"{frame[k][step]:+.3g}" if pd.notna(frame[k][step]) else "" for k in keys)
             lines.append(f"| {label} | {step}{mark} | {values} |")
