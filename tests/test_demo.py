@@ -50,8 +50,7 @@ def test_quick_demo_validates_and_compares_at_equal_distinct_counts(quick_demo):
     SCS and top-k the same number of distinct examples.
 
     Mutations caught: scoring with scoring_epoch_latest.pt although scoring_best.pt exists (the score
-    command line); SCS drawing --total_size 0.4 n without --unique_fraction (distinct counts differ); dropping
-    --keep_best (no best step in the report)."""
+    command line); SCS drawing --total_size 0.4 n without --unique_fraction (distinct counts differ)."""
     report = (quick_demo / "report" / "report.md").read_text()
     commands = [line for line in report.splitlines() if line.startswith("flyt score")]
     assert len(commands) == 2 and all("scoring_best.pt" in c for c in commands)
