@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 import flyt
 from flyt.cli import main as cli
@@ -39,9 +40,33 @@ def test_quick_demo_writes_every_report_section(quick_demo):
     for method in ("no filter", "random", "CLIP-score top-k", "FLYT + SCS", "M-FLYT + SCS", "M-FLYT + top-k",
                    "oracle: clean first"):
         assert f"| {method} |" in report
-    for plot in ("score_histograms.png", "selection_by_kind.png", "training_curves.png"):
+    for plot in ("score_histograms.png", "selection_by_kind.png", "training_curves.png", "diagnostics.png"):
         assert (quick_demo / "report" / plot).stat().st_size > 1000
-    assert "flyt train --upstream_data_dir" in report and "flyt eval --model" in report
+    assert "flyt train --upstream_data_dir" in report and "flyt eval --model flyt-tiny --pretrained" in report
+
+
+def test_quick_demo_validates_and_compares_at_equal_distinct_counts(quick_demo):
+    """Scores with the best validation step's checkpoint, tables diagnostics and val/gain per step, and gives
+    SCS and top-k the same number of distinct examples.
+
+    Mutations caught: scoring with scoring_epoch_latest.pt although scoring_best.pt exists (the score
+    command line); SCS drawing --total_size 0.4 n without --unique_fraction (distinct counts differ)."""
+    report = (quick_demo / "report" / "report.md").read_text()
+    commands = [line for line in report.splitlines() if line.startswith("flyt score")]
+    assert len(commands) == 2 and all("scoring_best.pt" in c for c in commands)
+    for label, name in (("FLYT", "flyt"), ("M-FLYT", "mflyt")):
+        best = torch.load(quick_demo / "runs" / name / "checkpoints" / "scoring_best.pt", weights_only=True)
+        assert f"{label}: the best validation step's checkpoint (step {best['flyt']['step']})" in report
+        assert f"| {label} | {best['flyt']['step']} (best) |" in report
+    for key in ("diag/score_std", "diag/ess_share", "diag/probe_spearman", "val/gain"):
+        assert f"- `{key}`: " in report
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in report.splitlines()
+            if line.startswith("| ") and line.split(" | ")[0][2:].endswith(("_scs", "_topk"))}
+    n_usable = int(rows["mflyt_scs"][1])  # SCS draws as many as the usable pool holds
+    assert int(rows["mflyt_topk"][2]) == round(0.4 * n_usable)
+    for name in ("flyt_scs", "mflyt_scs"):
+        assert int(rows[name][1]) == n_usable and float(rows[name][3]) > 0
+        assert abs(int(rows[name][2]) - 0.4 * n_usable) < 0.05 * n_usable
 
 
 def _outputs(cell) -> tuple[str, int]:
