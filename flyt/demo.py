@@ -78,8 +78,7 @@ class Pipeline:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        from tqdm import tqdm
-
+        from flyt import progress
         from flyt.errors import FlytError
 
         logs = self.root / "logs"
@@ -89,7 +88,7 @@ class Pipeline:
         with ProcessPoolExecutor(min(self.jobs, len(tasks)), multiprocessing.get_context("spawn"),
                                  initializer=_start_lane, initargs=(threads,)) as pool:
             futures = {pool.submit(_run_lane, steps, str(logs / f"{name}.log")): name for name, steps in tasks.items()}
-            for future in tqdm(as_completed(futures), total=len(futures), desc=f"flyt demo: {desc}", unit="run"):
+            for future in progress.bar(as_completed(futures), total=len(futures), desc=f"flyt demo: {desc}", unit="run"):
                 failed = future.result()
                 if failed is not None:
                     raise FlytError(f"demo step failed: flyt {shlex.join(failed)} (log: {logs / futures[future]}.log)")

@@ -230,8 +230,8 @@ def evaluate(model, preprocess: Callable, tokenizer: Callable, task, batch_size:
     "num_samples", "skipped"}``; ``per_class_recall`` follows ``task.classnames`` (None: no test sample).
     """
     import torch
-    from tqdm import tqdm
 
+    from flyt import progress as meter
     from flyt.data.shards import list_shards
 
     if isinstance(task, (str, Path)):
@@ -260,7 +260,7 @@ def evaluate(model, preprocess: Callable, tokenizer: Callable, task, batch_size:
             loader = torch.utils.data.DataLoader(_test_stream(shards, preprocess, batch_size, task),
                                                  batch_size=None, num_workers=workers,
                                                  persistent_workers=False)
-            with tqdm(desc=f"flyt eval {task.name}", unit="img", disable=not progress, file=sys.stderr) as bar:
+            with meter.bar(desc=f"flyt eval {task.name}", unit="img", disable=not progress, file=sys.stderr) as bar:
                 for batch in loader:
                     if batch["done"]:
                         skipped[batch["worker"]] = batch["skipped"]

@@ -41,9 +41,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
-from flyt import __version__
+from flyt import __version__, progress
 from flyt.atomic import atomic_path
 from flyt.data.shards import list_shards
 from flyt.errors import FlytError
@@ -459,7 +458,7 @@ def _parallel(fn, tasks: list, workers: int, state: dict, desc: str) -> None:
     of waiting for it forever, and it can drop the queued tasks once one has failed.
     """
     workers = min(workers, len(tasks))
-    with tqdm(total=len(tasks), desc=desc, unit="shard") as bar:
+    with progress.bar(total=len(tasks), desc=desc, unit="shard") as bar:
         if workers <= 1:
             _init(state)
             try:

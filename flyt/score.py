@@ -961,7 +961,7 @@ def _print_summary(summary: dict, output: Output) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+    from flyt import progress
 
     started = time.perf_counter()
     _check_flags(args)
@@ -994,8 +994,8 @@ def run(args: argparse.Namespace) -> int:
     total = _expected_samples(pending)
     taken = repeats_of_earlier_shards(shards[: shards.index(pending[-1]) + 1]) if pending else {}
     scoring_started = time.perf_counter()
-    with tqdm(total=total, desc=f"flyt score ({spec.mode})", unit="sample", unit_scale=True, mininterval=1.0,
-              file=sys.stderr) as bar:
+    with progress.bar(total=total, desc=f"flyt score ({spec.mode})", unit="sample", unit_scale=True, mininterval=1.0,
+                      file=sys.stderr) as bar:
         if mixer is not None:
             score_mflyt(pending, output, mixer, report, bar, args.workers, taken)
         else:

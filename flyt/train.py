@@ -11,9 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from flyt import checkpoint
+from flyt import checkpoint, progress
 from flyt.bilevel import BilevelConfig, DownstreamBatch, flyt_step
 from flyt.comm import LocalComm
 from flyt.config import TrainConfig, batch_scaled_scoring_lr
@@ -102,8 +101,8 @@ class Trainer:
         if cfg.scoring_learning_rate is None:
             cfg.scoring_learning_rate = batch_scaled_scoring_lr(cfg.upstream_batch_size)
             if self.comm.rank == 0:
-                tqdm.write(f"flyt train: --scoring_learning_rate {cfg.scoring_learning_rate:.3g} (default: 1e-3 * "
-                           f"sqrt({cfg.upstream_batch_size} / 4096), square-root scaling from the paper's batch)")
+                progress.write(f"flyt train: --scoring_learning_rate {cfg.scoring_learning_rate:.3g} (default: 1e-3 * "
+                               f"sqrt({cfg.upstream_batch_size} / 4096), square-root scaling from the paper's batch)")
         self.params = {k: v.detach() for k, v in self.reference.named_parameters()}
         self.opt_state = AdamWState.zeros_like(self.params)
         self.dls = None
@@ -256,7 +255,7 @@ class Trainer:
             self.opt_state = result.opt_state
         else:
             self.skipped_steps += 1
-            tqdm.write(f"step {self.step}: non-finite gradients at loss scale {self.loss_scale.scale:g}: step skipped")
+            progress.write(f"step {self.step}: non-finite gradients at loss scale {self.loss_scale.scale:g}: step skipped")
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         self.loss_scale.update(result.finite)
@@ -278,8 +277,8 @@ class Trainer:
             self.probe.drift(self.comm.gather(self.probe.scores(self._scores)).cpu())
         logger = MetricsLog(self.run_dir, cfg, self.step, enabled=self.comm.rank == 0, resumed=resumed)
         start = time.time()
-        with tqdm(total=cfg.n_iterations, initial=self.step, desc=f"flyt train ({cfg.mode})", unit="step",
-                  disable=self.comm.rank != 0) as bar:
+        with progress.bar(total=cfg.n_iterations, initial=self.step, desc=f"flyt train ({cfg.mode})", unit="step",
+                          disable=self.comm.rank != 0) as bar:
             last = self._epochs(bar, logger)
         logger.close()
         return {"run_dir": str(self.run_dir), "steps": self.step, "seconds": round(time.time() - start, 1),
@@ -340,7 +339,7 @@ class MetricsLog:
             f.write(json.dumps(metrics) + "\n")
         shown = " ".join(f"{k.split('/')[-1] if k.startswith('downstream_loss/') else k}={v:.4g}"
                          for k, v in metrics.items() if isinstance(v, float) and math.isfinite(v))
-        tqdm.write(f"step {metrics['step']}: {shown}")
+        progress.write(f"step {metrics['step']}: {shown}")
         if self.wandb is not None:
             self.wandb.log(metrics, step=metrics["step"])
 

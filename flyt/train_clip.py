@@ -59,9 +59,8 @@ def train_clip(cfg) -> tuple[dict, dict[str, int]]:
     import torch
     from open_clip import ClipLoss
     from open_clip_train.scheduler import cosine_lr
-    from tqdm import tqdm
 
-    from flyt import checkpoint
+    from flyt import checkpoint, progress
     from flyt.data.shards import parse_sources
     from flyt.data.subset_stream import SubsetCounts, SubsetStream
     from flyt.errors import FlytError
@@ -94,7 +93,7 @@ def train_clip(cfg) -> tuple[dict, dict[str, int]]:
     start, skipped, seen = time.time(), {}, {}
     model.train()
     batches = iter(loader)
-    with tqdm(total=cfg.steps, desc="flyt train-clip", unit="step") as bar:
+    with progress.bar(total=cfg.steps, desc="flyt train-clip", unit="step") as bar:
         for step in range(cfg.steps):
             try:
                 batch = next(batches)
