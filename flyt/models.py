@@ -6,6 +6,9 @@ State-dict keys match the original's released checkpoints: ``clip_model.<OpenCLI
 
 from __future__ import annotations
 
+import logging
+import sys
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import open_clip
@@ -35,9 +38,45 @@ def create_clip(model: str, pretrained: str | None = None, device: str | torch.d
     if model not in open_clip.list_models() and not model.startswith(("hf-hub:", "local-dir:")):
         raise FlytError(f"--model {model!r} is not an OpenCLIP model name (see open_clip.list_models())")
     model_precision = "bf16" if precision == "bf16" else "fp32"
-    clip, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-        model, pretrained=pretrained or None, device=device, precision=model_precision)
+    said = _SayRandomInit(model)
+    logging.getLogger().addFilter(said)
+    try:
+        clip, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+            model, pretrained=pretrained or None, device=device, precision=model_precision)
+    finally:
+        logging.getLogger().removeFilter(said)
+    _load_forward_ad_quietly()
     return clip, preprocess_train, preprocess_val, open_clip.get_tokenizer(model)
+
+
+class _SayRandomInit(logging.Filter):
+    """OpenCLIP's root-logger "Model initialized randomly" warning, said as flyt's own line instead.
+
+    A filter added earlier (``checkpoint.load_scorer``, whose weights come next) drops the record first,
+    and then nothing is said.
+    """
+
+    def __init__(self, model: str):
+        super().__init__()
+        self.model = model
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "Model initialized randomly" not in record.getMessage():
+            return True
+        print(f"flyt: model {self.model}: random initialisation (no pretrained weights)", file=sys.stderr)
+        return False
+
+
+def _load_forward_ad_quietly() -> None:
+    """Load torch's forward-mode AD support now, without its ``torch.jit.script`` FutureWarning.
+
+    flyt differentiates CLIP models forward (``torch.func.jvp`` in training); on first use torch builds
+    its jvp decompositions with ``torch.jit.script``, which warns about its own deprecation into every
+    log. One tiny jvp here loads them, with exactly that warning ignored; later ones do not warn.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+        torch.func.jvp(torch.sin, (torch.zeros(1),), (torch.ones(1),))
 
 
 class GLU(nn.Module):
