@@ -8,7 +8,8 @@ Prints:
       uids, img2dataset keys, ``--fields`` input scores; written with numpy + pyarrow, no images): rows/s of
       the whole run (one thread, and ``--mflyt_threads`` shards at a time) and of each phase in the one-thread
       run (read the metadata and score files, join, compute the mixer, write), once with score files in the
-      metadata's row order and once with their rows shuffled (a real join).
+      metadata's row order and once with their rows shuffled (a real join); and its ratio to plain parquet
+      I/O of the same files in one thread (read both inputs, write uid/key/score; no join, no mixer).
   (2) FLYT image scoring with ``--flyt_model`` (flyt-tiny) on a toydata pool of ``--images`` samples: samples/s for each
       ``--workers`` value, against the model's forward alone on the same batches decoded beforehand
       (same batch size, same intra-op threads), and their ratio (goal <= 1.3 with enough workers).
@@ -86,6 +87,24 @@ def _run(argv: list[str]) -> dict:
     return json.loads((out / "_summary.json").read_text())
 
 
+def plain_io_seconds(root: Path, scores: str, fields: list[str]) -> float:
+    """Seconds to read each shard's metadata and score file and write uid/key/score as ``flyt score`` writes
+    them, with no join and no mixer: the floor the whole M-FLYT run is measured against."""
+    from flyt.scoring.output import WRITE_OPTIONS
+
+    out = root / "out_plain"
+    out.mkdir()
+    started = time.perf_counter()
+    for meta in sorted((root / "pool").glob("*.parquet")):
+        ids = pq.read_table(meta, columns=["uid", "key"])
+        table = pq.read_table(root / scores / f"{meta.stem}_scores.parquet", columns=["key", *fields])
+        score = table[fields[0]].cast(pa.float32())
+        pq.write_table(pa.table({"uid": ids["uid"], "score": score, "key": ids["key"]}), out / meta.name, **WRITE_OPTIONS)
+    seconds = time.perf_counter() - started
+    shutil.rmtree(out)
+    return seconds
+
+
 def bench_mflyt(args, root: Path) -> None:
     import torch
 
@@ -98,6 +117,7 @@ def bench_mflyt(args, root: Path) -> None:
     torch.save({"layers.0.weight": torch.randn(1, args.fields), "layers.0.bias": torch.randn(1)}, ckpt)
     for label, scores in (("same row order", "scores"), ("shuffled rows", "scores_shuffled")):
         line = f"  {label}:"
+        plain = plain_io_seconds(root, scores, fields)
         for workers in (0, args.mflyt_threads):
             out = root / f"out_{scores}_{workers}"
             summary = _run(["--checkpoint", str(ckpt), "--upstream_data_dir", str(root / "pool"), "--parquet_dir",
@@ -107,6 +127,7 @@ def bench_mflyt(args, root: Path) -> None:
             line += (f"  whole run, {workers or 1} thread(s): {summary['samples_per_s'] / 1e6:4.1f}M rows/s "
                      f"({summary['scoring_seconds']:.2f} s);")
             if workers == 0:  # phases timed one after the other (with threads they overlap)
+                line += f" plain parquet I/O {plain:.2f} s, ratio {summary['scoring_seconds'] / plain:.2f} (goal <= 1.5);"
                 t = summary["timings"]
                 phases = "  ".join(f"{name} {args.rows / t[key] / 1e6:5.1f}M/s ({t[key]:.2f} s)"
                                    for name, key in (("read", "read_s"), ("join", "join_s"),
@@ -122,7 +143,8 @@ def bench_flyt(args, root: Path) -> None:
     from flyt.checkpoint import load_scorer
     from flyt.data.samples import decode_pair
     from flyt.models import ScorerSpec, build_scorer
-    from flyt.score import _cpu_count, forward_scores, iter_tar, val_transforms
+    from flyt.scoring.flyt_images import _cpu_count, forward_scores, val_transforms
+    from flyt.scoring.shards import iter_tar
 
     started = time.perf_counter()
     torch.manual_seed(0)

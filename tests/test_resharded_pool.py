@@ -24,7 +24,7 @@ from flyt.cli import main as cli
 from flyt.data.samples import decode_pair
 from flyt.data.scores import ScoreLookup
 from flyt.errors import FlytError
-from flyt.score import iter_tar
+from flyt.scoring.shards import iter_tar
 from flyt.subset import load_subset, save_subset
 from flyt.train_clip import check_not_resharded_from
 

@@ -134,9 +134,9 @@ def test_mflyt_scores_every_uid_once_with_the_mixer_and_never_opens_images(exp, 
     assert _score(exp, "mflyt", tmp_path / "from_tars", pool=tars_only) == 0
     _assert_same_outputs(out, tmp_path / "from_tars")
     # and with the metadata parquets, the tars are not even opened
-    import flyt.score
+    import flyt.scoring.shards
 
-    monkeypatch.setattr(flyt.score, "iter_tar", no_images)
+    monkeypatch.setattr(flyt.scoring.shards, "iter_tar", no_images)
     assert _score(exp, "mflyt", tmp_path / "again") == 0
     _assert_same_outputs(out, tmp_path / "again")
 
@@ -175,24 +175,34 @@ def test_mflyt_missing_score_rows_are_counted_and_uid_join_and_whole_folder_inde
     np.testing.assert_array_equal(table["score"].to_numpy(), direct[table["uid"]].to_numpy())
 
 
-def test_id_index_matches_a_plain_dictionary():
-    from flyt.score import IdIndex
+def test_id_lookups_match_a_plain_dictionary():
+    """Both joins (one score file's ``index_in``, a whole folder's hashed-once index) against a dict.
+
+    Mutations run: the same-order shortcut returning positions for any query of equal length (fails the
+    permuted rows); ``FolderIds`` keeping the last of repeated ids (fails the repeats); missing ids mapped to 0
+    by ``fill_null(0)`` (fails the absent ids); ``FolderIds`` returning ``rows[pos]`` without the -1 check (fails
+    the absent ids).
+    """
+    from flyt.scoring.mflyt import FolderIds, positions
 
     rng = np.random.default_rng(0)
     uids = [rng.bytes(16).hex() for _ in range(500)]
     keys = [f"00000007{i:04d}" for i in range(500)]
-    sparse = [f"{i * 1_000_003:012d}" for i in range(500)]  # digits, but too spread for a direct table
-    words = [f"k{i}" for i in range(500)]  # neither digits of one width nor uids: the generic join
-    for values in (uids, sorted(uids), keys, sparse, words):
-        for order in (np.arange(500), rng.permutation(500)):
-            table = [values[i] for i in order]
-            query = [values[i] for i in rng.permutation(500)[:300]] + ["f" * 32, "000000079999", "nope"]
-            where = {v: i for i, v in enumerate(table)}
-            expected = [where.get(q, -1) for q in query]
-            assert IdIndex(pa.array(table)).lookup(pa.array(query)).tolist() == expected
-            assert IdIndex(pa.array(table)).lookup(pa.array(table)).tolist() == list(range(500))
-    repeated = pa.array(keys[:10] + keys[:10])  # repeated ids: the first row wins
-    assert IdIndex(repeated).lookup(pa.array(keys[:10][::-1])).tolist() == list(range(10))[::-1]
+    words = [f"k{i}" for i in range(500)]
+    for lookup in (positions, lambda values, query: FolderIds(values)(query)):
+        for values in (uids, keys, words):
+            for order in (np.arange(500), rng.permutation(500)):
+                table = [values[i] for i in order]
+                query = [values[i] for i in rng.permutation(500)[:300]] + ["f" * 32, "000000079999", "nope"]
+                where = {v: i for i, v in enumerate(table)}
+                expected = [where.get(q, -1) for q in query]
+                assert lookup(pa.array(table), pa.array(query)).tolist() == expected
+                assert lookup(pa.array(table), pa.array(table)).tolist() == list(range(500))
+                shuffled = [table[i] for i in rng.permutation(500)]  # same length, other order: a real join
+                assert lookup(pa.array(table), pa.array(shuffled)).tolist() == [where[q] for q in shuffled]
+        repeated = pa.array(keys[:10] + keys[:10])  # repeated ids: the first row wins
+        assert lookup(repeated, pa.array(keys[:10][::-1])).tolist() == list(range(10))[::-1]
+        assert lookup(pa.array(keys, pa.large_string()), pa.array(keys[:3])).tolist() == [0, 1, 2]
 
 
 # ---------------------------------------------------------------------------------------------- FLYT
@@ -204,7 +214,7 @@ def _direct_flyt(exp) -> pd.Series:
 
     from flyt.checkpoint import load_scorer
     from flyt.data.samples import decode_pair
-    from flyt.score import val_transforms
+    from flyt.scoring.flyt_images import val_transforms
 
     model, spec = load_scorer(exp["flyt"])
     preprocess, tokenizer = val_transforms(model, spec)
@@ -243,7 +253,7 @@ def test_flyt_scores_equal_a_direct_forward_and_skip_broken_samples(exp, flyt_re
 
 def test_shard_batches_stay_in_one_shard_and_flag_the_last(exp):
     from flyt.checkpoint import load_scorer
-    from flyt.score import _shard_batches_class, val_transforms
+    from flyt.scoring.flyt_images import _shard_batches_class, val_transforms
 
     model, spec = load_scorer(exp["flyt"])
     preprocess, tokenizer = val_transforms(model, spec)
@@ -263,7 +273,7 @@ def test_shard_batches_stay_in_one_shard_and_flag_the_last(exp):
 
 
 def test_kill_and_rerun_gives_the_uninterrupted_result(exp, flyt_reference, tmp_path, monkeypatch):
-    import flyt.score
+    import flyt.scoring.flyt_images as flyt_images
 
     # a deleted shard output and a stale temporary file of a killed write
     out = tmp_path / "restart"
@@ -278,7 +288,7 @@ def test_kill_and_rerun_gives_the_uninterrupted_result(exp, flyt_reference, tmp_
 
     # a crash right after the first shard's file is written
     out = tmp_path / "crash"
-    original = flyt.score.write_shard
+    original = flyt_images.write_shard
     calls = []
 
     def write_then_die(*args, **kwargs):
@@ -286,11 +296,11 @@ def test_kill_and_rerun_gives_the_uninterrupted_result(exp, flyt_reference, tmp_
         calls.append(args[0])
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(flyt.score, "write_shard", write_then_die)
+    monkeypatch.setattr(flyt_images, "write_shard", write_then_die)
     with pytest.raises(KeyboardInterrupt):
         _score(exp, "flyt", out)
     assert [p.name for p in out.glob("*.parquet")] == [calls[0].name]
-    monkeypatch.setattr(flyt.score, "write_shard", original)
+    monkeypatch.setattr(flyt_images, "write_shard", original)
     assert _score(exp, "flyt", out) == 0
     _assert_same_outputs(flyt_reference, out)
 
@@ -368,7 +378,7 @@ def test_unreadable_shards_are_named_and_the_others_written(exp, tmp_path, capsy
 
 
 def test_shards_sharing_a_stem_are_named_by_relative_path(exp, tmp_path):
-    from flyt.score import pool_shards
+    from flyt.scoring.shards import pool_shards
 
     for sub in ("a", "b/c"):
         (tmp_path / sub).mkdir(parents=True)

@@ -1,0 +1,222 @@
+"""The pool's shards for ``flyt score``: their list and output names, and the uids/keys each one holds.
+
+Ids come from a shard's metadata parquet when it has ``uid`` and ``key``, else from the tar's ``.json``
+members only (images are never read). A uid held by several shards (a resharded subset's repeats) is
+scored once, by the first shard in sorted order.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from flyt.errors import FlytError
+
+
+@dataclass(frozen=True)
+class Shard:
+    path: Path  # the pool's .tar
+    name: str  # output file stem: the shard's stem, or its relative path with '/' -> '__' if stems collide
+
+    @property
+    def metadata(self) -> Path:
+        return self.path.with_suffix(".parquet")
+
+
+def pool_shards(spec: str) -> list[Shard]:
+    """Every shard of the pool (``a::b`` sources allowed), sorted by path, with its output name."""
+    from flyt.data.shards import list_shards
+
+    roots = [Path(p) for p in spec.split("::") if p]
+    if not roots:
+        raise FlytError("--upstream_data_dir is empty")
+    found: dict[Path, Path] = {}  # shard -> the root its relative name is taken from
+    for root in roots:
+        for shard in list_shards(root, "--upstream_data_dir"):
+            found.setdefault(Path(shard), root if root.is_dir() else root.parent)
+    paths = sorted(found, key=str)
+    stems = Counter(p.stem for p in paths)
+    if max(stems.values()) == 1:
+        names = [p.stem for p in paths]
+    else:  # shards in different subfolders share a stem: name every output by its relative path
+        names = [str(p.relative_to(found[p]).with_suffix("")).replace(os.sep, "__").replace("/", "__") for p in paths]
+        repeated = [n for n, c in Counter(names).items() if c > 1]
+        if repeated:
+            raise FlytError(f"--upstream_data_dir: several shards would write the output {repeated[0]}.parquet; "
+                            "score the sources separately")
+    return [Shard(p, n) for p, n in zip(paths, names)]
+
+
+def iter_tar(path: Path, only: tuple[str, ...] | None = None):
+    """The samples of a WebDataset shard: dicts of extension -> bytes plus ``__key__`` (consecutive members
+    sharing a key form a sample). With ``only``, the other members' data is never read."""
+    import tarfile
+
+    with tarfile.open(path, "r") as tar:
+        sample = None
+        for member in tar:
+            if not member.isfile():
+                continue
+            directory, _, base = member.name.rpartition("/")
+            if "." not in base or base.startswith("."):
+                continue
+            stem, ext = base.split(".", 1)
+            key = f"{directory}/{stem}" if directory else stem
+            if sample is None or sample["__key__"] != key:
+                if sample is not None:
+                    yield sample
+                sample = {"__key__": key}
+            ext = ext.lower()
+            if only is None or ext in only:
+                sample[ext] = tar.extractfile(member).read()
+        if sample is not None:
+            yield sample
+
+
+def as_strings(column):
+    """A pyarrow (chunked) column as one string (or large_string) array."""
+    import pyarrow as pa
+
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if pa.types.is_dictionary(array.type):
+        array = array.dictionary_decode()
+    if not (pa.types.is_string(array.type) or pa.types.is_large_string(array.type)):
+        array = array.cast(pa.string())
+    return array
+
+
+def _offsets(array):
+    import numpy as np
+    import pyarrow as pa
+
+    dtype = np.int64 if pa.types.is_large_string(array.type) else np.int32
+    return np.frombuffer(array.buffers()[1], dtype=dtype)[array.offset: array.offset + len(array) + 1]
+
+
+def _fixed_chars(array, width: int):
+    """(n, width) uint8 view of a string array whose every value is ``width`` bytes long, or None."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    n = len(array)
+    if array.null_count:
+        return None
+    if n == 0:
+        return np.zeros((0, width), np.uint8)
+    lengths = pc.binary_length(array)
+    lo_hi = pc.min_max(lengths).as_py()
+    if lo_hi["min"] != width or lo_hi["max"] != width:
+        return None
+    start = int(_offsets(array)[0])
+    data = np.frombuffer(array.buffers()[2], dtype=np.uint8)
+    return data[start: start + n * width].reshape(n, width)
+
+
+def valid_uids(uids):
+    """(lower-case uid array, mask of well-formed uids: 32 hex characters, not null)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    uids = as_strings(uids)
+    chars = _fixed_chars(uids, 32)
+    good_len = None
+    if chars is None:  # some uid is null or not 32 bytes long: check the others
+        good_len = pc.fill_null(pc.equal(pc.binary_length(uids), 32), False)
+        chars = _fixed_chars(as_strings(pc.if_else(good_len, uids, pa.scalar("0" * 32))), 32)
+    lower = ((chars - np.uint8(ord("0"))) < 10) | ((chars - np.uint8(ord("a"))) < 6)  # uint8 wraps below '0', 'a'
+    mask = np.ones(len(uids), bool) if lower.all() else lower.all(axis=1)
+    if not mask.all():
+        upper = lower | ((chars - np.uint8(ord("A"))) < 6)
+        if upper.all(axis=1).sum() > mask.sum():
+            mask = upper.all(axis=1)
+            uids = pc.utf8_lower(uids)
+    if good_len is not None:
+        mask &= good_len.to_numpy(zero_copy_only=False)
+    return uids, mask
+
+
+def shard_ids(shard: Shard) -> tuple[object, object, Counter]:
+    """(uids, keys, skipped) of a pool shard, from its metadata parquet or else the tar's .json members.
+
+    The keys are pool keys: the json's ``key`` where it has one, since resharders rename tar members."""
+    import json as json_mod
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    skipped = Counter()
+    names = pq.read_schema(shard.metadata).names if shard.metadata.exists() else []
+    if "uid" in names and "key" in names:
+        table = pq.read_table(shard.metadata, columns=["uid", "key"] + (["status"] if "status" in names else []))
+        if "status" in names:  # img2dataset lists failed downloads too: they are not in the shard
+            table = table.filter(pc.fill_null(pc.equal(table["status"].cast(pa.string()), "success"), False))
+        uids, keys = table["uid"], table["key"]
+    else:
+        uid_list, key_list = [], []
+        from flyt.data.samples import pool_key
+
+        for raw in iter_tar(shard.path, only=("json",)):
+            try:
+                meta = json_mod.loads(raw["json"])
+                uid = str(meta["uid"])
+            except Exception:
+                skipped["missing_uid"] += 1
+                continue
+            uid_list.append(uid)
+            key_list.append(pool_key(meta, raw["__key__"]))
+        uids, keys = pa.array(uid_list, pa.string()), pa.array(key_list, pa.string())
+    uids, ok = valid_uids(uids)
+    keys = as_strings(keys)
+    if not ok.all():
+        skipped["missing_uid"] += int((~ok).sum())
+        keep = pa.array(ok)
+        uids, keys = uids.filter(keep), keys.filter(keep)
+    if keys.null_count:
+        skipped["missing_key"] += keys.null_count
+        has_key = pc.invert(pc.is_null(keys))
+        uids, keys = uids.filter(has_key), keys.filter(has_key)
+    return uids, keys, skipped
+
+
+def repeats_of_earlier_shards(shards: list[Shard]) -> dict[str, object]:
+    """Per shard name, the uids (a string array) it shares with an earlier shard of the sorted list.
+
+    A resharded subset holds a uid once per repeat, possibly in several shards; its score is written
+    once, by the first shard. Every job computes the same answer from the ids alone, so split jobs agree.
+    A shard whose ids cannot be read is left out here (its own scoring reports it).
+    """
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    uids, owners = [pa.array([], pa.large_string())], [np.zeros(0, np.int64)]
+    for j, shard in enumerate(shards):
+        try:
+            ids = shard_ids(shard)[0]
+        except Exception:
+            continue
+        uids.append(ids.cast(pa.large_string()))  # a whole pool's uids may pass 2 GB
+        owners.append(np.full(len(ids), j))
+    uids, owners = pa.concat_arrays(uids), np.concatenate(owners)
+    first = pc.index_in(uids, value_set=uids).to_numpy(zero_copy_only=False)  # a uid's first row: its owner's
+    later = owners != owners[first]
+    return {shards[j].name: pc.unique(uids.filter(pa.array(later & (owners == j))))
+            for j in np.unique(owners[later]).tolist()}
+
+
+def first_copies(uids, taken) -> object:
+    """Mask of the samples that keep their uid: its first occurrence in the shard, unless ``taken`` (the
+    uids an earlier shard holds) has it. Uids are lower-case hex here, so equal strings are equal uids."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    strings = as_strings(uids if isinstance(uids, (pa.Array, pa.ChunkedArray)) else pa.array(uids, pa.string()))
+    keep = pc.index_in(strings, value_set=strings).to_numpy(zero_copy_only=False) == np.arange(len(strings))
+    if taken is not None and len(taken):
+        keep &= ~pc.is_in(strings, value_set=taken.cast(strings.type)).to_numpy(zero_copy_only=False)
+    return keep
