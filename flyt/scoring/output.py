@@ -131,9 +131,9 @@ class Report:
 
     def shard_failed(self, shard: Shard, message: str) -> None:
         self.failed[str(shard.path)] = message
-        from tqdm import tqdm
+        from flyt import progress
 
-        tqdm.write(f"flyt score: cannot read shard {shard.path}: {message}", file=sys.stderr)
+        progress.write(f"flyt score: cannot read shard {shard.path}: {message}", file=sys.stderr)
 
 
 def error_message(exc: BaseException) -> str:
