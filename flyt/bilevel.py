@@ -67,6 +67,7 @@ class StepResult:
     opt_state: AdamWState
     finite: bool
     metrics: dict[str, float] = field(default_factory=dict)
+    scores: torch.Tensor | None = None  # the global batch's scores (detached): the caller's diagnostics
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
@@ -276,7 +277,8 @@ def flyt_step(reference: nn.Module, params: Tensors, opt_state: AdamWState, lr: 
     # 1. scores and weights over the global batch
     with autocast(cfg.precision, upstream["image"].device):
         scores = _wide(scorer(upstream))
-    log_w = torch.log_softmax(comm.gather_autograd(scores), dim=0)
+    global_scores = comm.gather_autograd(scores)
+    log_w = torch.log_softmax(global_scores, dim=0)
 
     # 2-3. upstream embeddings, dL_w/de (kept differentiable in w for step 7), and g
     up = _upstream(embeds, params, upstream, cfg)
@@ -335,5 +337,5 @@ def flyt_step(reference: nn.Module, params: Tensors, opt_state: AdamWState, lr: 
     next_params = new_params if cfg.update_reference else params
     metrics.update({"weighted_loss": float(loss_w.detach()), "logit_scale": float(new_params["logit_scale"].exp())})
     if not finite:
-        return StepResult(params, opt_state, False, metrics)
-    return StepResult(next_params, new_state, True, metrics)
+        return StepResult(params, opt_state, False, metrics, global_scores.detach())
+    return StepResult(next_params, new_state, True, metrics, global_scores.detach())

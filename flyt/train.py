@@ -192,11 +192,11 @@ class Trainer:
         with autocast(self.cfg.precision, self.device):
             return self.scorer(self._to_device({"upstream": up, "downstream": []})[0]).float()
 
-    def _diagnostics(self, up: dict) -> dict:
-        """Spread and ESS of this step's global batch, rank correlation with the start on the probe (no_grad:
-        two scorer forwards, on log steps only)."""
+    def _diagnostics(self, scores: torch.Tensor) -> dict:
+        """Spread and ESS of the step's global batch (its scores, as the step computed them), rank correlation
+        with the start on the probe (one no_grad scorer forward, on log steps only, before the scorer's update)."""
         probe_scores = self.comm.gather(self.probe.scores(self._scores)).cpu()
-        return dict(batch_diagnostics(self.comm.gather(self._scores(up)).cpu()),
+        return dict(batch_diagnostics(scores.float().cpu()),
                     **{"diag/probe_spearman": self.probe.drift(probe_scores)})
 
     def _validate(self, bundle: dict) -> dict:
@@ -238,7 +238,6 @@ class Trainer:
         scoring_lr = cosine_lr(cfg.scoring_learning_rate, cfg.warmup, cfg.n_iterations, self.step)
         for group in self.scoring_opt.param_groups:
             group["lr"] = scoring_lr
-        diagnostics = self._diagnostics(bundle["upstream"]) if self._logs(self.step + 1) else {}
         optimizers = [self.scoring_opt] + ([self.dls_opt] if self.dls_opt is not None else [])
         if self.dls_opt is not None:
             self.dls_opt.param_groups[0]["lr"] = ref_lr
@@ -246,6 +245,7 @@ class Trainer:
         step_cfg = dataclasses.replace(self.bilevel, loss_scale=self.loss_scale.scale, log_pre_update=cfg.log_pre_update)
         result = flyt_step(self.reference, self.params, self.opt_state, ref_lr, self.scorer, up, tasks,
                            self.dls, step_cfg, self.comm)
+        diagnostics = self._diagnostics(result.scores) if self._logs(self.step + 1) else {}
         if result.finite:
             for opt in optimizers:
                 opt.step()
