@@ -14,9 +14,9 @@ import time
 
 import torch
 
-from flyt.bilevel import BilevelConfig, DownstreamBatch, flyt_step
-from flyt.models import ScoringModel, create_clip
-from flyt.optim import AdamWState
+from flyt.method.bilevel import BilevelConfig, DownstreamBatch, flyt_step
+from flyt.models.networks import ScoringModel, create_clip
+from flyt.method.optim import AdamWState
 
 
 def main() -> None:

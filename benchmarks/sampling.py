@@ -27,8 +27,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flyt.cli import main as flyt_main
-from flyt.sample import batched_counts, race_counts, read_scores
-from flyt.subset import UID_DTYPE, array_to_uids, save_subset
+from flyt.commands.sample import batched_counts, race_counts, read_scores
+from flyt.data.subset import UID_DTYPE, array_to_uids, save_subset
 
 MEDIUM = 128_000_000
 GB = 1e9

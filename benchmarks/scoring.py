@@ -90,7 +90,7 @@ def _run(argv: list[str]) -> dict:
 def plain_io_seconds(root: Path, scores: str, fields: list[str]) -> float:
     """Seconds to read each shard's metadata and score file and write uid/key/score as ``flyt score`` writes
     them, with no join and no mixer: the floor the whole M-FLYT run is measured against."""
-    from flyt.scoring.output import WRITE_OPTIONS
+    from flyt.data.score_files import WRITE_OPTIONS
 
     out = root / "out_plain"
     out.mkdir()
@@ -139,12 +139,12 @@ def bench_mflyt(args, root: Path) -> None:
 def bench_flyt(args, root: Path) -> None:
     import torch
 
-    from flyt import toydata
-    from flyt.checkpoint import load_scorer
+    from flyt.demo import toydata
+    from flyt.models.checkpoint import load_scorer
     from flyt.data.samples import decode_pair
-    from flyt.models import ScorerSpec, build_scorer
-    from flyt.scoring.flyt_images import _cpu_count, forward_scores, val_transforms
-    from flyt.scoring.shards import iter_tar
+    from flyt.models.networks import ScorerSpec, build_scorer
+    from flyt.jobs.score_flyt import _cpu_count, forward_scores, val_transforms
+    from flyt.data.pool import iter_tar
 
     started = time.perf_counter()
     torch.manual_seed(0)

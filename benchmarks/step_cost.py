@@ -28,9 +28,9 @@ def _measure(kind: str, model_name: str, up: int, down: int, classes: int, repea
     import torch.nn.functional as F
     from open_clip.loss import ClipLoss
 
-    from flyt.bilevel import BilevelConfig, DownstreamBatch, flyt_step
-    from flyt.models import ScoringModel, create_clip
-    from flyt.optim import AdamWState
+    from flyt.method.bilevel import BilevelConfig, DownstreamBatch, flyt_step
+    from flyt.models.networks import ScoringModel, create_clip
+    from flyt.method.optim import AdamWState
     from flyt.precision import autocast
 
     torch.manual_seed(0)

@@ -1,6 +1,6 @@
 """FLYT step time under several processes (gloo on CPU, NCCL on GPU) and the share spent in collectives.
 
-Each rank gets the global batch divided by the world size; the collectives of ``flyt.distributed.DistComm``
+Each rank gets the global batch divided by the world size; the collectives of ``flyt.train.distributed.DistComm``
 are timed by wrapping them. Compare with ``step_cost.py`` at the same global batch on one process.
 
     python benchmarks/step_cost_distributed.py --nproc 2 --model flyt-tiny
@@ -23,11 +23,11 @@ def _worker(rank: int, args, port: int, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.nproc))
     dist.init_process_group("gloo", rank=rank, world_size=args.nproc)
-    from flyt.bilevel import BilevelConfig, DownstreamBatch, flyt_step
-    from flyt.data.stream import class_slice
-    from flyt.distributed import DistComm
-    from flyt.models import ScoringModel, create_clip
-    from flyt.optim import AdamWState
+    from flyt.method.bilevel import BilevelConfig, DownstreamBatch, flyt_step
+    from flyt.streams.train import class_slice
+    from flyt.train.distributed import DistComm
+    from flyt.models.networks import ScoringModel, create_clip
+    from flyt.method.optim import AdamWState
 
     comm, spent = DistComm(), [0.0]
     for name in ("gather", "gather_autograd", "all_reduce_sum", "local_slice"):

@@ -13,12 +13,12 @@ import sys
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("flyt.train_flyt", "train a FLYT scoring model or an M-FLYT mixing model"),
-    "train-clip": ("flyt.train_clip", "train a CLIP on a pool or a subset of it (the filter's yardstick)"),
-    "score": ("flyt.score", "score every sample of a pool with a trained FLYT or M-FLYT model, one score per uid"),
-    "sample": ("flyt.sample", "turn per-uid scores into a DataComp subset (SCS, HCS, top-k, threshold)"),
-    "reshard": ("flyt.reshard", "write the samples a DataComp subset selects (repeats included) as new shards"),
-    "demo": ("flyt.demo", "the whole experiment on bundled real images: filtering vs no filtering"),
-    "eval": ("flyt.evaluate", "zero-shot classification of a CLIP on DataComp-format eval folders"),
+    "train-clip": ("flyt.commands.train_clip", "train a CLIP on a pool or a subset of it (the filter's yardstick)"),
+    "score": ("flyt.commands.score", "score every sample of a pool with a trained FLYT or M-FLYT model, one score per uid"),
+    "sample": ("flyt.commands.sample", "turn per-uid scores into a DataComp subset (SCS, HCS, top-k, threshold)"),
+    "reshard": ("flyt.commands.reshard", "write the samples a DataComp subset selects (repeats included) as new shards"),
+    "demo": ("flyt.demo.pipeline", "the whole experiment on bundled real images: filtering vs no filtering"),
+    "eval": ("flyt.commands.eval", "zero-shot classification of a CLIP on DataComp-format eval folders"),
 }
 
 

@@ -17,7 +17,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 from flyt.errors import FlytError
 from flyt.precision import parse_precision
 
-ADAMW_HELP = {"beta1": "AdamW beta1 (default 0.9)",  # defaults: flyt.optim.AdamWConfig.for_model
+ADAMW_HELP = {"beta1": "AdamW beta1 (default 0.9)",  # defaults: flyt.method.optim.AdamWConfig.for_model
               "beta2": "AdamW beta2 (default, as OpenCLIP: 0.98 for ViT models, else 0.999)",
               "eps": "AdamW epsilon (default, as OpenCLIP: 1e-6 for ViT models, else 1e-8)"}
 DLS_OPTIMIZERS = ("reference", "scoring")  # which optimizer updates the downstream temperature

@@ -18,8 +18,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from flyt.config import TrainConfig, config_from_args
-    from flyt.distributed import DistComm, init_process_group, world_from_env
-    from flyt.train import Trainer
+    from flyt.train.distributed import DistComm, init_process_group, world_from_env
+    from flyt.train.loop import Trainer
 
     cfg = config_from_args(TrainConfig, args)
     rank, world_size, _ = world_from_env()

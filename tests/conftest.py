@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flyt.models import create_clip
+from flyt.models.networks import create_clip
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """The bilevel step against an independent computation: theta' by plain autograd, the downstream losses
 written out, and the hypergradients against Richardson-extrapolated central differences, in float64.
 
-Deliberate mutations of ``flyt/bilevel.py`` these tests were seen to catch are listed in each test.
+Deliberate mutations of ``flyt/method/bilevel.py`` these tests were seen to catch are listed in each test.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import math
 import pytest
 import torch
 
-from flyt.bilevel import LOGIT_SCALE_BOUNDS, BilevelConfig, DownstreamBatch, flyt_step
-from flyt.losses import clip_loss, weighted_clip_loss, zero_shot_loss
-from flyt.models import MixingModel, ScoringModel
-from flyt.optim import AdamWState, adamw_update
+from flyt.method.bilevel import LOGIT_SCALE_BOUNDS, BilevelConfig, DownstreamBatch, flyt_step
+from flyt.method.losses import clip_loss, weighted_clip_loss, zero_shot_loss
+from flyt.models.networks import MixingModel, ScoringModel
+from flyt.method.optim import AdamWState, adamw_update
 
 from conftest import random_tokens
 

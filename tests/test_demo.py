@@ -17,8 +17,8 @@ import torch
 
 import flyt
 from flyt.cli import main as cli
-from flyt.demo import Pipeline
-from flyt.demo_report import SECTIONS
+from flyt.demo.pipeline import Pipeline
+from flyt.demo.report import SECTIONS
 from flyt.errors import FlytError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,7 +9,9 @@ import pytest
 import scipy.stats
 import torch
 
-from flyt import diagnostics, toydata
+from flyt.train import diagnostics
+
+from flyt.demo import toydata
 from flyt.cli import main as cli
 
 
@@ -73,7 +75,7 @@ def _trainer(root: Path, out: Path, *extra: str):
     """A Trainer from a ``flyt train`` command line, parsed by the real parser."""
     from flyt.cli import build_parser
     from flyt.config import TrainConfig, config_from_args
-    from flyt.train import Trainer
+    from flyt.train.loop import Trainer
 
     argv = ["train", *_args(root, out, "--n_iterations", "2", *extra)]
     return Trainer(config_from_args(TrainConfig, build_parser(argv).parse_args(argv)))

@@ -10,9 +10,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from flyt.bilevel import BilevelConfig, DownstreamBatch, flyt_step
-from flyt.comm import LocalComm
-from flyt.data.stream import class_slice
+from flyt.method.bilevel import BilevelConfig, DownstreamBatch, flyt_step
+from flyt.method.comm import LocalComm
+from flyt.streams.train import class_slice
 
 from test_bilevel import LR, _setup
 
@@ -85,8 +85,8 @@ def _worker(rank: int, port: int, errors) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        from flyt.distributed import DistComm
-        from flyt.models import create_clip
+        from flyt.train.distributed import DistComm
+        from flyt.models.networks import create_clip
 
         torch.manual_seed(0)
         tiny = create_clip("flyt-tiny")
@@ -139,7 +139,7 @@ def _torchrun(args: list[str], timeout: int = 420):
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory):
-    from flyt import toydata
+    from flyt.demo import toydata
 
     root = tmp_path_factory.mktemp("dist")
     truth = toydata.write_pool(root / "pool", 160, n_shards=2, seed=0)

@@ -15,8 +15,8 @@ from torch import nn
 
 from flyt import cli
 from flyt.errors import FlytError
-from flyt.evaluate import classification_metrics, evaluate, resolve_eval_task, zero_shot_classifier
-from flyt.toydata import write_task
+from flyt.commands.eval import classification_metrics, evaluate, resolve_eval_task, zero_shot_classifier
+from flyt.demo.toydata import write_task
 
 COLOUR_STEP = 20  # test image of class l: solid red level l * COLOUR_STEP
 
@@ -184,7 +184,7 @@ def cli_setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     original = write_task(root / "orig", layout="original", n_train=1, n_test=30, n_test_shards=2)
     simple = write_task(root / "simple", name="three_digits", n_train=1, n_test=20, digits_subset=[3, 5, 8])
-    from flyt.models import create_clip
+    from flyt.models.networks import create_clip
 
     torch.manual_seed(0)
     model = create_clip("flyt-tiny")[0]
@@ -211,7 +211,7 @@ def test_cli_end_to_end(cli_setup):
                                         else {"acc1", "mean_per_class_recall"})
         assert all(0.0 <= v <= 1.0 for v in line["metrics"].values())
     # the same numbers in process, with the checkpoint loaded by OpenCLIP and no worker processes
-    from flyt.evaluate import load_model
+    from flyt.commands.eval import load_model
 
     model, preprocess, tokenizer = load_model("flyt-tiny", str(ckpt))
     again = evaluate(model, preprocess, tokenizer, "mnist", batch_size=7, eval_dir=original.datacomp_eval_dir,

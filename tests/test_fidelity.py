@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import flyt.train as train_mod
-from flyt import toydata
+import flyt.train.loop as train_mod
+from flyt.demo import toydata
 from flyt.cli import main as cli
 from flyt.config import TrainConfig
 from flyt.errors import FlytError
-from flyt.optim import AdamWConfig
+from flyt.method.optim import AdamWConfig
 from flyt.precision import parse_precision, resolve_precision
 
 

@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 import torch
 
-from flyt import toydata
+from flyt.demo import toydata
 from flyt.cli import main as cli
-from flyt.demo_report import _auc
-from flyt.subset import save_subset
+from flyt.demo.report import _auc
+from flyt.data.subset import save_subset
 
 
 @pytest.fixture(scope="module")

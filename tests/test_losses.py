@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
-from flyt.losses import clip_loss, weighted_clip_loss, zero_shot_loss
+from flyt.method.losses import clip_loss, weighted_clip_loss, zero_shot_loss
 
 
 def _features(n=7, d=5, seed=0, dtype=torch.float64):

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from flyt.optim import AdamWConfig, AdamWState, adamw_update, cosine_lr, decays
+from flyt.method.optim import AdamWConfig, AdamWState, adamw_update, cosine_lr, decays
 
 
 def test_adamw_matches_torch_over_several_steps(tiny_clip):

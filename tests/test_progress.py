@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from flyt import progress, toydata
+from flyt import progress
+
+from flyt.demo import toydata
 from flyt.errors import FlytError
 
 NOISE = ("torch.jit.script", "initialized randomly", "WARNING:root")
@@ -55,7 +57,7 @@ def test_forward_ad_after_create_clip_says_no_jit_warning():
     Mutation run: the ``_load_forward_ad_quietly()`` call removed from ``create_clip`` (the jvp then
     warns: the test fails).
     """
-    code = ("import torch; from flyt.models import create_clip; create_clip('flyt-tiny'); "
+    code = ("import torch; from flyt.models.networks import create_clip; create_clip('flyt-tiny'); "
             "torch.func.jvp(torch.sin, (torch.zeros(2),), (torch.ones(2),)); print('jvp ok')")
     done = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "jvp ok" in done.stdout, done.stderr
@@ -122,8 +124,8 @@ def test_loaded_scorer_says_no_random_initialisation(tmp_path, capsys):
     Mutation run: ``create_clip`` putting its filter first (``filters.insert(0, ...)``): the line is
     printed for a loaded scorer and the test fails.
     """
-    from flyt.checkpoint import load_scorer
-    from flyt.models import ScorerSpec, build_scorer
+    from flyt.models.checkpoint import load_scorer
+    from flyt.models.networks import ScorerSpec, build_scorer
 
     path = Path(tmp_path / "scorer.pt")
     torch.save({"state_dict": build_scorer(ScorerSpec("flyt", "flyt-tiny")).state_dict()}, path)

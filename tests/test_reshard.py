@@ -24,12 +24,12 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-import flyt.reshard
+import flyt.commands.reshard
 from flyt.cli import main
 from flyt.data.shards import list_shards
 from flyt.errors import FlytError
-from flyt.subset import save_subset
-from flyt.toydata import write_pool
+from flyt.data.subset import save_subset
+from flyt.demo.toydata import write_pool
 
 REPO = Path(__file__).resolve().parents[1]
 SHARD_SIZE = 7
@@ -101,9 +101,9 @@ def wanted(pool):
 
 def reshard(pool_dir, subset, out, *extra) -> int:
     parser = argparse.ArgumentParser()
-    flyt.reshard.add_arguments(parser)
+    flyt.commands.reshard.add_arguments(parser)
     args = ["--pool", pool_dir, "--subset", subset, "--output", out, "--shard_size", SHARD_SIZE, *extra]
-    return flyt.reshard.run(parser.parse_args([str(a) for a in args]))
+    return flyt.commands.reshard.run(parser.parse_args([str(a) for a in args]))
 
 
 def _files(out: Path) -> dict:
@@ -186,7 +186,7 @@ def test_shuffle_is_a_seeded_permutation(pool, wanted, reference, tmp_path):
 @pytest.mark.parametrize("phase", ["_scan_shard", "_write_output_shard"])
 def test_killed_run_restarts_to_the_same_output(pool, reference, tmp_path, monkeypatch, phase):
     subset, out = reference
-    real, calls = getattr(flyt.reshard, phase), []
+    real, calls = getattr(flyt.commands.reshard, phase), []
 
     def dies_on_third_call(task):
         calls.append(task)
@@ -194,7 +194,7 @@ def test_killed_run_restarts_to_the_same_output(pool, reference, tmp_path, monke
             raise KeyboardInterrupt  # like a kill: no cleanup beyond what atomic writes guarantee
         real(task)
 
-    monkeypatch.setattr(flyt.reshard, phase, dies_on_third_call)
+    monkeypatch.setattr(flyt.commands.reshard, phase, dies_on_third_call)
     with pytest.raises(KeyboardInterrupt):
         reshard(pool[0], subset, tmp_path / "out", "--workers", 1)
     monkeypatch.undo()
@@ -233,7 +233,7 @@ def test_refuses_to_mix_subsets_or_settings(pool, wanted, reference, tmp_path, m
     def killed(task):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(flyt.reshard, "_write_output_shard", killed)  # an unfinished run is protected too
+    monkeypatch.setattr(flyt.commands.reshard, "_write_output_shard", killed)  # an unfinished run is protected too
     with pytest.raises(KeyboardInterrupt):
         reshard(pool[0], subset, tmp_path / "partial", "--workers", 1)
     with pytest.raises(FlytError, match="different subset"):

@@ -19,14 +19,14 @@ import pandas as pd
 import pytest
 import torch
 
-from flyt import toydata
+from flyt.demo import toydata
 from flyt.cli import main as cli
 from flyt.data.samples import decode_pair
 from flyt.data.scores import ScoreLookup
 from flyt.errors import FlytError
-from flyt.scoring.shards import iter_tar
-from flyt.subset import load_subset, save_subset
-from flyt.train_clip import check_not_resharded_from
+from flyt.data.pool import iter_tar
+from flyt.data.subset import load_subset, save_subset
+from flyt.commands.train_clip import check_not_resharded_from
 
 FIELDS = ["informative", "noise_a", "noise_b"]
 STATS_KEYS = {"count", "successes", "failed_to_download", "failed_to_resize", "duration", "start_time",
@@ -197,7 +197,7 @@ def test_written_folders_follow_the_datacomp_layouts(exp, tmp_path):
     assert len(tests) == 2 and (task / "test" / "nshards.txt").read_text().strip() == "2"
     assert (task / "classnames.txt").is_file() and (task / "zeroshot_classification_templates.txt").is_file()
     from flyt.data.tasks import resolve_task
-    from flyt.evaluate import resolve_eval_task
+    from flyt.commands.eval import resolve_eval_task
 
     assert resolve_eval_task("digits", exp["root"] / "tasks").test_dir == task / "test"
     assert resolve_task("digits", str(exp["root"] / "tasks")).name == "digits"

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flyt import toydata
+from flyt.demo import toydata
 
 STEPS, EPOCHS = 4, 2  # two steps per epoch
 KILL_AT = 3  # the first step of epoch 2 is logged: epoch 1's checkpoint exists, epoch 2's does not

@@ -23,11 +23,11 @@ import pyarrow.parquet as pq
 import pytest
 import scipy.stats
 
-import flyt.sample
+import flyt.commands.sample
 from flyt.cli import main
 from flyt.errors import FlytError
-from flyt.sample import batched_counts, race_counts
-from flyt.subset import array_to_uids, load_subset, save_subset, sort_order, uids_to_array
+from flyt.commands.sample import batched_counts, race_counts
+from flyt.data.subset import array_to_uids, load_subset, save_subset, sort_order, uids_to_array
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,7 +79,7 @@ def test_scs_matches_sequential_process(scs_reference, monkeypatch):
     assert max_z(decile_draws(batched_counts, batch=1, penalty=PENALTY), scs_reference) < 5  # batch 1 is exact
     assert max_z(decile_draws(race_counts, penalty=2 * PENALTY), scs_reference) > 8  # the check can fail
     for block in (1, 7):  # rounds of one arrival per example (large pools) and mixed widths
-        monkeypatch.setattr(flyt.sample, "_BLOCK", block)
+        monkeypatch.setattr(flyt.commands.sample, "_BLOCK", block)
         assert max_z(decile_draws(race_counts, penalty=PENALTY), scs_reference) < 5
 
 
@@ -88,7 +88,7 @@ def test_hcs_matches_sequential_process(hcs_reference, monkeypatch):
     assert max_z(decile_draws(batched_counts, batch=1, cap=CAP), hcs_reference) < 5
     assert max_z(decile_draws(race_counts, cap=CAP + 1), hcs_reference) > 8
     for block in (1, 7):
-        monkeypatch.setattr(flyt.sample, "_BLOCK", block)
+        monkeypatch.setattr(flyt.commands.sample, "_BLOCK", block)
         assert max_z(decile_draws(race_counts, cap=CAP), hcs_reference) < 5
 
 
@@ -148,7 +148,7 @@ def test_scs_joint_count_distribution_is_exact(monkeypatch):
     assert chi_square_p(count_samples(batched_counts, 6, seed=0, batch=1, penalty=0.7), exact) > 1e-3
     assert chi_square_p(count_samples(batched_counts, 6, seed=0, batch=2, penalty=0.7), exact) < 1e-9  # approximate
     for block in (64, 8):  # one round covers every draw; rounds of 2 to 8 arrivals per example
-        monkeypatch.setattr(flyt.sample, "_BLOCK", block)
+        monkeypatch.setattr(flyt.commands.sample, "_BLOCK", block)
         assert chi_square_p(count_samples(race_counts, 6, seed=block, penalty=0.7), exact) > 1e-3
     assert chi_square_p(count_samples(race_counts, 6, seed=1, n=2000, penalty=0.5), exact) < 1e-9  # it can fail
 
@@ -164,7 +164,7 @@ def test_hcs_joint_count_distribution_is_exact(monkeypatch):
     assert len(exact) == 16 and max(map(max, exact)) == 2
     assert chi_square_p(count_samples(batched_counts, 5, seed=0, batch=1, cap=2), exact) > 1e-3
     for block in (64, 8):
-        monkeypatch.setattr(flyt.sample, "_BLOCK", block)
+        monkeypatch.setattr(flyt.commands.sample, "_BLOCK", block)
         assert chi_square_p(count_samples(race_counts, 5, seed=block, cap=2), exact) > 1e-3
     assert chi_square_p(count_samples(race_counts, 5, seed=1, n=2000, cap=3), exact) < 1e-9  # it can fail
 

@@ -17,8 +17,8 @@ import pytest
 
 from flyt.cli import main
 from flyt.errors import FlytError
-from flyt.sample import batched_counts, race_counts
-from flyt.sharpness import expected_unique_fraction, temperature_for_unique_fraction, unique_fraction_range
+from flyt.commands.sample import batched_counts, race_counts
+from flyt.select.sharpness import expected_unique_fraction, temperature_for_unique_fraction, unique_fraction_range
 
 N = 20_000
 _rng = np.random.default_rng(11)

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from flyt import toydata
+from flyt.demo import toydata
 from flyt.cli import main as cli
 
 FIELDS = ["informative", "noise_a", "noise_b"]
@@ -109,7 +109,7 @@ def test_mflyt_scores_every_uid_once_with_the_mixer_and_never_opens_images(exp, 
     direct = _direct_mixer(exp)
     np.testing.assert_array_equal(table["score"].to_numpy(), direct[table["uid"]].to_numpy())
     # ... which is also what the rebuilt torch model computes
-    from flyt.checkpoint import load_scorer
+    from flyt.models.checkpoint import load_scorer
 
     model, spec = load_scorer(exp["mflyt"])
     scores = pd.concat([pd.read_parquet(p) for p in sorted(exp["scores"].glob("*.parquet"))]).set_index("uid")
@@ -134,9 +134,9 @@ def test_mflyt_scores_every_uid_once_with_the_mixer_and_never_opens_images(exp, 
     assert _score(exp, "mflyt", tmp_path / "from_tars", pool=tars_only) == 0
     _assert_same_outputs(out, tmp_path / "from_tars")
     # and with the metadata parquets, the tars are not even opened
-    import flyt.scoring.shards
+    import flyt.data.pool
 
-    monkeypatch.setattr(flyt.scoring.shards, "iter_tar", no_images)
+    monkeypatch.setattr(flyt.data.pool, "iter_tar", no_images)
     assert _score(exp, "mflyt", tmp_path / "again") == 0
     _assert_same_outputs(out, tmp_path / "again")
 
@@ -183,7 +183,7 @@ def test_id_lookups_match_a_plain_dictionary():
     by ``fill_null(0)`` (fails the absent ids); ``FolderIds`` returning ``rows[pos]`` without the -1 check (fails
     the absent ids).
     """
-    from flyt.scoring.mflyt import FolderIds, positions
+    from flyt.jobs.score_mflyt import FolderIds, positions
 
     rng = np.random.default_rng(0)
     uids = [rng.bytes(16).hex() for _ in range(500)]
@@ -212,9 +212,9 @@ def _direct_flyt(exp) -> pd.Series:
     """A direct forward of the rebuilt model on every decodable sample, read with webdataset."""
     import webdataset as wds
 
-    from flyt.checkpoint import load_scorer
+    from flyt.models.checkpoint import load_scorer
     from flyt.data.samples import decode_pair
-    from flyt.scoring.flyt_images import val_transforms
+    from flyt.jobs.score_flyt import val_transforms
 
     model, spec = load_scorer(exp["flyt"])
     preprocess, tokenizer = val_transforms(model, spec)
@@ -252,8 +252,8 @@ def test_flyt_scores_equal_a_direct_forward_and_skip_broken_samples(exp, flyt_re
 
 
 def test_shard_batches_stay_in_one_shard_and_flag_the_last(exp):
-    from flyt.checkpoint import load_scorer
-    from flyt.scoring.flyt_images import _shard_batches_class, val_transforms
+    from flyt.models.checkpoint import load_scorer
+    from flyt.jobs.score_flyt import _shard_batches_class, val_transforms
 
     model, spec = load_scorer(exp["flyt"])
     preprocess, tokenizer = val_transforms(model, spec)
@@ -273,7 +273,7 @@ def test_shard_batches_stay_in_one_shard_and_flag_the_last(exp):
 
 
 def test_kill_and_rerun_gives_the_uninterrupted_result(exp, flyt_reference, tmp_path, monkeypatch):
-    import flyt.scoring.flyt_images as flyt_images
+    import flyt.jobs.score_flyt as flyt_images
 
     # a deleted shard output and a stale temporary file of a killed write
     out = tmp_path / "restart"
@@ -309,7 +309,7 @@ def test_kill_and_rerun_gives_the_uninterrupted_result(exp, flyt_reference, tmp_
 
 
 def test_two_way_split_and_torchrun_ranks_cover_the_pool_once(exp, mflyt_reference, tmp_path, monkeypatch):
-    from flyt.score import job_split
+    from flyt.commands.score import job_split
 
     parts = []
     for i in range(2):
@@ -378,7 +378,7 @@ def test_unreadable_shards_are_named_and_the_others_written(exp, tmp_path, capsy
 
 
 def test_shards_sharing_a_stem_are_named_by_relative_path(exp, tmp_path):
-    from flyt.scoring.shards import pool_shards
+    from flyt.data.pool import pool_shards
 
     for sub in ("a", "b/c"):
         (tmp_path / sub).mkdir(parents=True)

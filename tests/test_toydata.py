@@ -1,4 +1,4 @@
-"""flyt.toydata writes what DataComp/img2dataset and the original FLYT layout promise, deterministically."""
+"""flyt.demo.toydata writes what DataComp/img2dataset and the original FLYT layout promise, deterministically."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import webdataset as wds
 from PIL import Image, ImageFile
 
-from flyt import toydata
+from flyt.demo import toydata
 from flyt.data.tasks import resolve_task
 
 CORRUPTION = {"wrong_caption": 0.2, "unrelated_caption": 0.1, "noise_image": 0.1, "near_duplicate": 0.15}

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from flyt import toydata
-from flyt.checkpoint import load_scorer
+from flyt.demo import toydata
+from flyt.models.checkpoint import load_scorer
 from flyt.cli import main as cli
 
 
@@ -80,7 +80,7 @@ def test_resume_after_kill_equals_uninterrupted(pool, tmp_path):
     assert cli(full) == 0
     # "killed" after its first checkpoint: the same run stopped at epoch 1 of 2
     part = _args(pool, tmp_path / "part", "--n_iterations", "4", "--num_checkpoints", "2", *_mflyt(pool))
-    import flyt.train as train_mod
+    import flyt.train.loop as train_mod
 
     original = train_mod.Trainer.save
 

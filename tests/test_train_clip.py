@@ -6,11 +6,11 @@ import open_clip
 import pytest
 import torch
 
-from flyt import toydata
+from flyt.demo import toydata
 from flyt.cli import main as cli
 from flyt.config import ClipTrainConfig
-from flyt.subset import save_subset
-from flyt.train_clip import train_clip
+from flyt.data.subset import save_subset
+from flyt.commands.train_clip import train_clip
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from flyt import toydata
-from flyt.bilevel import DownstreamBatch
+from flyt.demo import toydata
+from flyt.method.bilevel import DownstreamBatch
 from flyt.cli import build_parser
 from flyt.cli import main as cli
-from flyt.validation import weighting_gain
+from flyt.train.validation import weighting_gain
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +40,8 @@ def test_gain_is_positive_for_down_weighting_wrong_captions_and_zero_for_uniform
     (no softmax).
     """
     from flyt.config import TrainConfig, config_from_args
-    from flyt.data.stream import TrainStream
-    from flyt.train import Trainer
+    from flyt.streams.train import TrainStream
+    from flyt.train.loop import Trainer
 
     root, clean = pool
     argv = _args(root, tmp_path, "--n_iterations", "1")
@@ -71,10 +71,10 @@ def test_keep_best_keeps_the_scorer_of_the_best_gain(pool, tmp_path, capsys, mon
     """The gains are given (0.1, 0.3, 0.2: the best is not the last), the bookkeeping is real. Mutations
     caught: scoring_best.pt written at every validation (it held step 3); the best kept as the lowest gain
     (step 1)."""
-    import flyt.train
+    import flyt.train.loop
 
     gains = iter([0.1, 0.3, 0.2])
-    monkeypatch.setattr(flyt.train, "weighting_gain", lambda *a, **k: {"val/gain": next(gains)})
+    monkeypatch.setattr(flyt.train.loop, "weighting_gain", lambda *a, **k: {"val/gain": next(gains)})
     root, _ = pool
     assert cli(_args(root, tmp_path, "--n_iterations", "3", "--num_checkpoints", "3", "--val_every", "1",
                      "--val_fraction", "0.3", "--keep_best", "--cos_sim_init", "--scoring_learning_rate", "3e-2")) == 0
@@ -125,25 +125,25 @@ def test_resume_keeps_probe_and_best_gain(pool, tmp_path, monkeypatch):
     same best as an uninterrupted one. Mutations caught: the probe's initial scores not restored (re-scored
     by the resumed scorer: spearman 1 at step 3); the best-gain state not restored (step 4's lower gain
     overwrites scoring_best.pt)."""
-    import flyt.train
+    import flyt.train.loop
 
     root, _ = pool
     argv = _args(root, tmp_path / "full", "--n_iterations", "4", "--num_checkpoints", "2", "--val_every", "2",
                  "--val_fraction", "0.3", "--keep_best", "--cos_sim_init", "--scoring_learning_rate", "3e-2")
     gains = iter([0.5, 0.1, 0.5, 0.1])  # steps 2 and 4 of each run: the best is step 2, before the kill
-    monkeypatch.setattr(flyt.train, "weighting_gain", lambda *a, **k: {"val/gain": next(gains)})
+    monkeypatch.setattr(flyt.train.loop, "weighting_gain", lambda *a, **k: {"val/gain": next(gains)})
     assert cli(argv) == 0
     part = [a.replace(str(tmp_path / "full"), str(tmp_path / "part")) for a in argv]
-    original = flyt.train.Trainer.save
+    original = flyt.train.loop.Trainer.save
 
     def save_then_die(self):
         original(self)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(flyt.train.Trainer, "save", save_then_die)
+    monkeypatch.setattr(flyt.train.loop.Trainer, "save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         cli(part)
-    monkeypatch.setattr(flyt.train.Trainer, "save", original)
+    monkeypatch.setattr(flyt.train.loop.Trainer, "save", original)
     assert cli(part + ["--resume", "latest"]) == 0
     runs = {}
     for name in ("full", "part"):
@@ -159,10 +159,10 @@ def test_resume_keeps_probe_and_best_gain(pool, tmp_path, monkeypatch):
 def test_validation_refuses_several_processes(pool):
     """Mutation caught: the world-size check removed (it would validate on one rank's share of the batch)."""
     from flyt.data.shards import parse_sources
-    from flyt.data.stream import StreamConfig
+    from flyt.streams.train import StreamConfig
     from flyt.data.tasks import parse_task_names
     from flyt.errors import FlytError
-    from flyt.validation import Validation
+    from flyt.train.validation import Validation
 
     root, _ = pool
     tasks = parse_task_names(str(root / "tasks" / "digits"), None, None)

@@ -1,1 +1,1 @@
-"""Data at the edges: upstream pools, downstream tasks, M-FLYT input scores, the training stream."""
+"""The on-disk formats, torch-free: WebDataset shards and pools, samples, uids and subsets, per-shard score files, M-FLYT input scores, task folders."""

@@ -17,8 +17,8 @@ import torch
 import webdataset as wds
 
 from flyt.data.samples import decode_pair
-from flyt.data.stream import reraise_with_shard
-from flyt.subset import UID_DTYPE, load_subset, uids_to_array
+from flyt.streams.train import reraise_with_shard
+from flyt.data.subset import UID_DTYPE, load_subset, uids_to_array
 
 
 class SubsetCounts:

@@ -28,7 +28,7 @@ from PIL import Image
 
 from flyt.atomic import atomic_path
 from flyt.data.tasks import CLASSNAMES, ORIGINAL_TASKS, TEMPLATES
-from flyt.reshard import shard_stats
+from flyt.commands.reshard import shard_stats
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 CORRUPTIONS = ("wrong_caption", "unrelated_caption", "noise_image", "near_duplicate")

@@ -13,7 +13,7 @@ are skipped and counted. The output has one JSON line per task, rewritten atomic
 
 From Python (e.g. with a model already in memory)::
 
-    from flyt.evaluate import evaluate
+    from flyt.commands.eval import evaluate
     result = evaluate(model, preprocess_val, tokenizer, "path/to/task", batch_size=256, device="cuda")
     result["metrics"]["acc1"]
 """
@@ -174,7 +174,7 @@ def _test_stream(shards: list[str], preprocess: Callable, batch_size: int, task)
     import webdataset as wds
 
     from flyt.data.samples import decode_labelled
-    from flyt.data.stream import reraise_with_shard
+    from flyt.streams.train import reraise_with_shard
 
     num_classes = len(task.classnames)
 
@@ -302,7 +302,7 @@ def resolve_pretrained(model: str, checkpoint: str | None) -> str | None:
 
 def load_model(model: str, checkpoint: str | None, device="cpu"):
     """(model, preprocess_val, tokenizer) from ``--model`` and ``--pretrained``; loading failures are one line."""
-    from flyt.models import create_clip
+    from flyt.models.networks import create_clip
 
     pretrained = resolve_pretrained(model, checkpoint)
     try:

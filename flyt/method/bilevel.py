@@ -28,10 +28,10 @@ from torch import nn
 from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from flyt.comm import LocalComm
-from flyt.losses import clip_loss, weighted_clip_loss, zero_shot_loss
+from flyt.method.comm import LocalComm
+from flyt.method.losses import clip_loss, weighted_clip_loss, zero_shot_loss
 from flyt.precision import autocast
-from flyt.optim import AdamWConfig, AdamWState, Tensors, adamw_update
+from flyt.method.optim import AdamWConfig, AdamWState, Tensors, adamw_update
 
 LOGIT_SCALE_BOUNDS = (2.0, math.log(100))
 

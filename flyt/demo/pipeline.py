@@ -135,7 +135,7 @@ def _pool_statistics(pool_dir: Path, out_dir: Path, base_ckpt: Path, model: str)
     from flyt.atomic import atomic_path
     from flyt.data.samples import decode_pair
     from flyt.data.shards import list_shards
-    from flyt.models import create_clip
+    from flyt.models.networks import create_clip
 
     clip, _, preprocess, tokenizer = create_clip(model, str(base_ckpt))
     clip.eval()
@@ -169,8 +169,8 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     import pandas as pd
 
-    from flyt import toydata
-    from flyt.demo_report import write_report
+    from flyt.demo import toydata
+    from flyt.demo.report import write_report
     from flyt.errors import FlytError
 
     if args.jobs < 1 or args.seed < 0:  # before any work: both are only used minutes in

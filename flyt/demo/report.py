@@ -135,8 +135,8 @@ def write_report(root: Path, plan, truth: pd.DataFrame, results: list[dict], com
                  fields: list[str], seconds: float) -> Path:
     import torch
 
-    from flyt.demo import scoring_checkpoint
-    from flyt.subset import array_to_uids, load_subset
+    from flyt.demo.pipeline import scoring_checkpoint
+    from flyt.data.subset import array_to_uids, load_subset
 
     (root / "report").mkdir(parents=True, exist_ok=True)
     table = pd.DataFrame(results).groupby("method", sort=False).acc1.agg(["mean", "std", "count"])

@@ -12,20 +12,22 @@ from pathlib import Path
 
 import torch
 
-from flyt import checkpoint, progress
-from flyt.bilevel import BilevelConfig, DownstreamBatch, flyt_step
-from flyt.comm import LocalComm
+from flyt import progress
+
+from flyt.models import checkpoint
+from flyt.method.bilevel import BilevelConfig, DownstreamBatch, flyt_step
+from flyt.method.comm import LocalComm
 from flyt.config import TrainConfig, batch_scaled_scoring_lr
 from flyt.data.scores import ScoreLookup
 from flyt.data.shards import parse_sources, parse_weights
-from flyt.data.stream import StreamConfig, TrainStream
+from flyt.streams.train import StreamConfig, TrainStream
 from flyt.data.tasks import parse_task_names
-from flyt.diagnostics import Probe, batch_diagnostics
+from flyt.train.diagnostics import Probe, batch_diagnostics
 from flyt.errors import FlytError
-from flyt.models import ScorerSpec, build_scorer, create_clip, restrict_trainable
-from flyt.optim import AdamWConfig, AdamWState, cosine_lr, decays
+from flyt.models.networks import ScorerSpec, build_scorer, create_clip, restrict_trainable
+from flyt.method.optim import AdamWConfig, AdamWState, cosine_lr, decays
 from flyt.precision import autocast, resolve_device, resolve_precision
-from flyt.validation import Validation, weighting_gain
+from flyt.train.validation import Validation, weighting_gain
 
 
 @dataclass

@@ -9,8 +9,8 @@ from functools import partial
 from pathlib import Path
 
 from flyt.errors import FlytError
-from flyt.scoring.output import Output, Report, error_message, shard_stats, write_shard
-from flyt.scoring.shards import Shard, as_strings, first_copies, shard_ids, valid_uids
+from flyt.data.score_files import Output, Report, error_message, shard_stats, write_shard
+from flyt.data.pool import Shard, as_strings, first_copies, shard_ids, valid_uids
 
 
 def positions(values, query):

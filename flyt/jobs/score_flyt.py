@@ -9,8 +9,8 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from flyt.scoring.output import Output, Report, error_message, write_shard
-from flyt.scoring.shards import Shard, first_copies, iter_tar
+from flyt.data.score_files import Output, Report, error_message, write_shard
+from flyt.data.pool import Shard, first_copies, iter_tar
 
 
 def _shard_batches_class():
@@ -74,7 +74,7 @@ def val_transforms(model, spec):
     import open_clip
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
-    from flyt.models import register_model_configs
+    from flyt.models.networks import register_model_configs
 
     register_model_configs()
     preprocess = image_transform_v2(PreprocessCfg(**model.clip_model.visual.preprocess_cfg), is_train=False)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flyt.errors import FlytError
-from flyt.scoring.shards import Shard
+from flyt.data.pool import Shard
 
 SUMMARY = "_summary.json"
 

@@ -39,10 +39,10 @@ from collections import Counter
 from pathlib import Path
 
 from flyt.errors import FlytError
-from flyt.scoring.flyt_images import score_flyt
-from flyt.scoring.mflyt import MixerScores, score_mflyt
-from flyt.scoring.output import Output, Report, merge, read_stats, remove_stale_temporaries
-from flyt.scoring.shards import Shard, pool_shards, repeats_of_earlier_shards
+from flyt.jobs.score_flyt import score_flyt
+from flyt.jobs.score_mflyt import MixerScores, score_mflyt
+from flyt.data.score_files import Output, Report, merge, read_stats, remove_stale_temporaries
+from flyt.data.pool import Shard, pool_shards, repeats_of_earlier_shards
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -96,7 +96,7 @@ def _check_flags(args) -> None:
 
 
 def _load(args, device):
-    from flyt.checkpoint import load_scorer
+    from flyt.models.checkpoint import load_scorer
 
     model, spec = load_scorer(args.checkpoint, args.model, args.parquet_fields, device=device,
                               precision="bf16" if args.precision == "bf16" else "fp32")

@@ -25,8 +25,8 @@ import pyarrow.parquet as pq
 
 from flyt.atomic import atomic_path
 from flyt.errors import FlytError
-from flyt.sharpness import tempered, temperature_for_unique_fraction
-from flyt.subset import array_to_uids, save_subset, sort_order, uids_to_array
+from flyt.select.sharpness import tempered, temperature_for_unique_fraction
+from flyt.data.subset import array_to_uids, save_subset, sort_order, uids_to_array
 
 METHODS = ("scs", "hcs", "topk", "threshold")
 DEFAULT_PENALTY = 0.15

@@ -18,13 +18,13 @@ from typing import Sequence
 import torch
 from torch.func import functional_call
 
-from flyt.bilevel import LOGIT_SCALE_BOUNDS, DownstreamBatch
+from flyt.method.bilevel import LOGIT_SCALE_BOUNDS, DownstreamBatch
 from flyt.data.shards import list_shards
-from flyt.data.stream import StreamConfig, TrainStream, held_out
+from flyt.streams.train import StreamConfig, TrainStream, held_out
 from flyt.data.tasks import Task
 from flyt.errors import FlytError
-from flyt.losses import clip_loss, weighted_clip_loss, zero_shot_loss
-from flyt.optim import AdamWConfig, AdamWState, Tensors, adamw_update
+from flyt.method.losses import clip_loss, weighted_clip_loss, zero_shot_loss
+from flyt.method.optim import AdamWConfig, AdamWState, Tensors, adamw_update
 
 
 def _embed(reference, params: Tensors, **inputs) -> list[torch.Tensor]:

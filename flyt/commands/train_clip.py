@@ -27,7 +27,7 @@ def check_not_resharded_from(upstream_data_dir: str, subset: str) -> None:
     import numpy as np
 
     from flyt.errors import FlytError
-    from flyt.subset import load_subset
+    from flyt.data.subset import load_subset
 
     digest = None
     for source in (Path(p) for p in upstream_data_dir.split("::") if p):
@@ -60,12 +60,14 @@ def train_clip(cfg) -> tuple[dict, dict[str, int]]:
     from open_clip import ClipLoss
     from open_clip_train.scheduler import cosine_lr
 
-    from flyt import checkpoint, progress
+    from flyt import progress
+
+    from flyt.models import checkpoint
     from flyt.data.shards import parse_sources
-    from flyt.data.subset_stream import SubsetCounts, SubsetStream
+    from flyt.streams.subset import SubsetCounts, SubsetStream
     from flyt.errors import FlytError
-    from flyt.models import create_clip
-    from flyt.optim import AdamWConfig, decays
+    from flyt.models.networks import create_clip
+    from flyt.method.optim import AdamWConfig, decays
     from flyt.precision import autocast, resolve_device, resolve_precision
 
     if cfg.subset:

@@ -46,7 +46,7 @@ from flyt import __version__, progress
 from flyt.atomic import atomic_path
 from flyt.data.shards import list_shards
 from flyt.errors import FlytError
-from flyt.subset import load_subset, uids_to_array
+from flyt.data.subset import load_subset, uids_to_array
 
 OUTPUT_SHARD_FORMAT = "{:08d}.tar"
 KEY_FORMAT = "pool key for the first copy, KEY_r for copy r >= 1"

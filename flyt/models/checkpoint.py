@@ -16,7 +16,7 @@ import torch
 
 from flyt.atomic import atomic_path
 from flyt.errors import FlytError
-from flyt.models import ScorerSpec, build_scorer
+from flyt.models.networks import ScorerSpec, build_scorer
 
 SCORING = "scoring_epoch_{}.pt"
 REFERENCE = "epoch_{}.pt"

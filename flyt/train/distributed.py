@@ -30,7 +30,7 @@ def init_process_group(device_type: str) -> None:
 
 
 class DistComm:
-    """The ``flyt.comm.LocalComm`` interface over a torch.distributed process group."""
+    """The ``flyt.method.comm.LocalComm`` interface over a torch.distributed process group."""
 
     def __init__(self, group=None):
         self.group = group

@@ -1,0 +1,1 @@
+"""The subcommands of ``flyt``: each module's ``add_arguments`` and ``run``."""

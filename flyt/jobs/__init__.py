@@ -1,0 +1,1 @@
+"""Pool work done shard by shard: scoring, resharding."""

@@ -1,0 +1,1 @@
+"""The models: reference CLIP, FLYT scoring model, M-FLYT mixer, and the one module that knows checkpoint files."""

@@ -1,0 +1,1 @@
+"""From scores to a training set: samplers and their sharpness, numpy only."""

@@ -1,0 +1,1 @@
+"""Training: the FLYT loop, its processes, held-out validation and diagnostics."""
