@@ -1,0 +1,87 @@
+"""The per-shard runner: split, skip what is done, sweep temporaries, failures by unit, executors agree.
+
+Mutations checked: ``share`` taking ``j % parts == 0`` for every part (the split test sees overlap);
+``run_job`` running done units too (the rerun test sees them run again); no sweep (a stale temporary
+survives); ``InProcess`` swallowing a unit's error (the failure test sees no failure).
+"""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from flyt.atomic import atomic_path
+from flyt.errors import FlytError
+from flyt.runner.job import Job, Unit, job_split, missing_units, run_job, share
+from flyt.runner.local import InProcess
+
+
+class Squares(Job):
+    """Unit i writes i*i to OUT/i.json; unit ``bad`` raises."""
+
+    title = "squares"
+
+    def __init__(self, out: Path, n: int, bad: int | None = None):
+        self.out, self.n, self.bad = out, n, bad
+
+    def units(self):
+        return [Unit(f"{i:03d}", i) for i in range(self.n)]
+
+    def outputs(self, unit):
+        return [self.out / f"{unit.name}.json"]
+
+    def setup(self):
+        return {"pid": os.getpid()}
+
+    def run(self, unit, state):
+        if unit.payload == self.bad:
+            raise FlytError(f"unit {unit.name} is broken")
+        with atomic_path(self.outputs(unit)[0]) as tmp:
+            tmp.write_text(json.dumps({"square": unit.payload ** 2, "pid": state["pid"]}))
+        return {"samples": unit.payload, "skipped": {"odd": unit.payload % 2}}
+
+
+@pytest.mark.parametrize("executor", [InProcess(1), InProcess(2, "thread"), InProcess(2, "process")],
+                         ids=["inline", "threads", "processes"])
+def test_every_unit_once_and_totals(tmp_path, executor):
+    report = run_job(Squares(tmp_path, 7), executor)
+    assert sorted(report.done) == [f"{i:03d}" for i in range(7)] and not report.failed
+    assert report.totals() == {"samples": 21, "skipped": {"odd": 3}}
+    assert [json.loads((tmp_path / f"{i:03d}.json").read_text())["square"] for i in range(7)] == [i * i for i in range(7)]
+
+
+def test_parts_cover_the_units_once(tmp_path):
+    job = Squares(tmp_path, 10)
+    seen = []
+    for part in range(3):
+        seen += list(run_job(job, InProcess(1), part, 3).done)
+    assert sorted(seen) == [u.name for u in job.units()]
+    assert share(job.units(), 1, 3) == [Unit("001", 1), Unit("004", 4), Unit("007", 7)]
+
+
+def test_rerun_skips_done_units_and_sweeps_temporaries(tmp_path):
+    job = Squares(tmp_path, 4)
+    run_job(job, InProcess(1), 0, 2)
+    stale = tmp_path / ".001.json.abc123.tmp"
+    stale.write_text("half")
+    report = run_job(job, InProcess(1))
+    assert report.already_done == 2 and sorted(report.done) == ["001", "003"]
+    assert not stale.exists() and not missing_units(job)
+
+
+def test_a_failed_unit_is_reported_and_the_others_finish(tmp_path):
+    for executor in (InProcess(1), InProcess(2, "process")):
+        job = Squares(tmp_path / executor.kind, 5, bad=2)
+        report = run_job(job, executor)
+        assert report.failed == {"002": "unit 002 is broken"}
+        assert sorted(report.done) == ["000", "001", "003", "004"]
+        assert [u.name for u in missing_units(job)] == ["002"]
+
+
+def test_job_split_from_flags_and_torchrun():
+    assert job_split(1, 3, {"RANK": "1", "WORLD_SIZE": "2"}) == (3, 6)
+    assert job_split(None, None, {}) == (0, 1)
+    for bad in ((1, None), (3, 3), (0, 0)):
+        with pytest.raises(FlytError):
+            job_split(*bad, {})
