@@ -53,7 +53,23 @@ def load(path: str | Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise FlytError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+        raise refusal(path, exc) or FlytError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+
+
+def refusal(path, exc: BaseException) -> FlytError | None:
+    """The one-line refusal of a file that ``weights_only=True`` would not unpickle, else None.
+
+    Such a file asks to build objects other than tensors and plain containers: unpickling it could run
+    any code, so flyt never does (no ``weights_only=False`` fallback anywhere)."""
+    import pickle
+    import re
+
+    if not isinstance(exc, pickle.UnpicklingError):
+        return None
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    call = found.group(1) if found else "an object other than tensors and plain containers"
+    return FlytError(f"{path}: refused: unpickling it would call {call}, which could run any code; flyt loads "
+                     "checkpoints with torch.load(weights_only=True) only")
 
 
 def resume_paths(ckpt_dir: Path, resume: str) -> tuple[Path, Path] | None:

@@ -43,6 +43,10 @@ def create_clip(model: str, pretrained: str | None = None, device: str | torch.d
     try:
         clip, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
             model, pretrained=pretrained or None, device=device, precision=model_precision)
+    except Exception as exc:
+        from flyt.models.checkpoint import refusal
+
+        raise refusal(pretrained, exc) or exc
     finally:
         logging.getLogger().removeFilter(said)
     _load_forward_ad_quietly()
