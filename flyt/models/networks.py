@@ -28,6 +28,16 @@ def register_model_configs() -> None:
     flyt.register_model_configs(open_clip)
 
 
+def image_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype images must have for ``model``: its image tower's weight matrices' (OpenCLIP's bf16 keeps
+    norms and embeddings in float32, so the first parameter's dtype is not the one its convolution needs)."""
+    weights = [p for name, p in model.named_parameters() if name.startswith("visual.") and p.ndim >= 2]
+    if not weights:
+        return next(model.parameters()).dtype
+    dtypes = [p.dtype for p in weights]
+    return max(set(dtypes), key=dtypes.count)
+
+
 def create_clip(model: str, pretrained: str | None = None, device: str | torch.device = "cpu",
                 precision: str = "fp32"):
     """An OpenCLIP model with its train/val transforms and tokenizer.
@@ -163,7 +173,7 @@ class ScoringModel(nn.Module):
 
     def forward(self, batch: dict) -> torch.Tensor:
         with torch.set_grad_enabled(self.train_base and torch.is_grad_enabled()):
-            img = self.clip_model.encode_image(batch["image"], normalize=True)
+            img = self.clip_model.encode_image(batch["image"].to(image_dtype(self.clip_model)), normalize=True)
             txt = self.clip_model.encode_text(batch["text"], normalize=True)
         head_dtype = self.glu_model.layers[0].w1.weight.dtype
         return self.glu_model(torch.cat([img, txt], dim=-1).to(head_dtype))

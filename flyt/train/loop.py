@@ -24,10 +24,16 @@ from flyt.streams.train import StreamConfig, TrainStream
 from flyt.data.tasks import parse_task_names
 from flyt.train.diagnostics import Probe, batch_diagnostics
 from flyt.errors import FlytError
-from flyt.models.networks import ScorerSpec, build_scorer, create_clip, restrict_trainable
+from flyt.models.networks import ScorerSpec, build_scorer, create_clip, image_dtype, restrict_trainable
 from flyt.method.optim import AdamWConfig, AdamWState, cosine_lr, decays
 from flyt.precision import autocast, resolve_device, resolve_precision
 from flyt.train.validation import Validation, weighting_gain
+
+
+# Non-finite steps in a row that end a run. fp16's dynamic loss scale halves on each one, so a short run of
+# them is normal there while it finds its scale; 30 halvings are past any useful scale. Without it a
+# non-finite step repeats for the same weights, and a few in a row mean the weights or inputs are broken.
+MAX_SKIPPED_IN_A_ROW = {True: 30, False: 5}
 
 
 @dataclass
@@ -127,6 +133,7 @@ class Trainer:
         self.loss_scale = LossScale(cfg.scaler_scale, dynamic=True) if cfg.precision == "amp" else LossScale()
         self.step, self.epoch = 0, 0
         self.skipped_steps = 0
+        self.skipped_in_a_row = 0  # steps since the last finite one; past MAX_SKIPPED_IN_A_ROW the run stops
         self.probe: Probe | None = None
         self.bilevel = BilevelConfig(adamw, "clip" if cfg.downstream_clip_loss else "zeroshot",
                                      cfg.update_reference_model, cfg.accum_freq, precision=cfg.precision)
@@ -220,12 +227,11 @@ class Trainer:
     # ---- one step ----------------------------------------------------------------------------------
     def _to_device(self, bundle: dict) -> tuple[dict, list[DownstreamBatch]]:
         up = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in bundle["upstream"].items()}
-        dtype = next(iter(self.params.values())).dtype
-        up["image"] = up["image"].to(dtype)
+        up["image"] = up["image"].to(image_dtype(self.reference))
         return up, self._tasks_to_device(bundle["downstream"])
 
     def _tasks_to_device(self, downstream: list[dict]) -> list[DownstreamBatch]:
-        dtype = next(iter(self.params.values())).dtype
+        dtype = image_dtype(self.reference)
         tasks = []
         for i, t in enumerate(downstream):
             move = lambda x: x.to(self.device) if x is not None else None
@@ -258,11 +264,20 @@ class Trainer:
         else:
             self.skipped_steps += 1
             progress.write(f"step {self.step}: non-finite gradients at loss scale {self.loss_scale.scale:g}: step skipped")
+        self.skipped_in_a_row = 0 if result.finite else self.skipped_in_a_row + 1
+        limit = MAX_SKIPPED_IN_A_ROW[self.loss_scale.dynamic]
+        if self.skipped_in_a_row >= limit:
+            raise FlytError(
+                f"steps {self.step - limit + 1}-{self.step}: all {limit} had a non-finite loss or gradient "
+                f"(--precision {self.cfg.precision}, loss scale {self.loss_scale.scale:g}), so the run stops here rather "
+                "than spin; lower --scoring_learning_rate/--reference_learning_rate or check the input scores"
+                + ("" if self.cfg.precision == "fp32" else ", or try --precision fp32"))
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         self.loss_scale.update(result.finite)
         self.step += 1
-        metrics = dict(result.metrics, step=self.step, reference_lr=ref_lr, scoring_lr=scoring_lr, **diagnostics)
+        metrics = dict(result.metrics, step=self.step, reference_lr=ref_lr, scoring_lr=scoring_lr,
+                       skipped_steps=self.skipped_steps, **diagnostics)
         if self.dls is not None:
             metrics["downstream_logit_scale"] = float(self.dls.detach().exp())
         if self.spec.mode == "mflyt":
