@@ -120,6 +120,8 @@ class TrainConfig:
         if self.downstream_logit_scale_optimizer not in DLS_OPTIMIZERS:
             raise FlytError(f"--downstream_logit_scale_optimizer must be one of {', '.join(DLS_OPTIMIZERS)}, "
                             f"not {self.downstream_logit_scale_optimizer!r}")
+        if self.cos_sim_init and self.mode != "flyt":
+            raise FlytError("--cos_sim_init applies to a FLYT scoring model, not to M-FLYT")
         if self.scoring_trainable != "all" and (self.mode != "flyt" or self.train_full_scoring):
             raise FlytError(f"--scoring_trainable {self.scoring_trainable} applies to a FLYT head alone: "
                             "not with M-FLYT or --train_full_scoring")

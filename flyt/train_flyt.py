@@ -15,13 +15,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """One process, or one rank of ``torchrun`` (gloo on CPU, NCCL on GPU): the same mathematics."""
+    from flyt.config import TrainConfig, config_from_args
+
+    cfg = config_from_args(TrainConfig, args)  # every flag checked before torch and OpenCLIP load (seconds)
     import torch
 
-    from flyt.config import TrainConfig, config_from_args
     from flyt.train.distributed import DistComm, init_process_group, world_from_env
     from flyt.train.loop import Trainer
 
-    cfg = config_from_args(TrainConfig, args)
     rank, world_size, _ = world_from_env()
     if world_size == 1:
         summary = Trainer(cfg).fit()

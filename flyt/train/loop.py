@@ -98,8 +98,6 @@ class Trainer:
         self.scorer = build_scorer(self.spec, cfg.scoring_pretrained, self.device, cfg.precision,
                                    cfg.train_full_scoring, cfg.mixer_init)
         if cfg.cos_sim_init:
-            if cfg.mode != "flyt":
-                raise FlytError("--cos_sim_init applies to a FLYT scoring model, not to M-FLYT")
             self.scorer.glu_model.init_cosine_similarity(torch.Generator().manual_seed(cfg.seed))
         if cfg.full_scoring_pretrained:
             sd = checkpoint.load(cfg.full_scoring_pretrained)
