@@ -3,18 +3,32 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from flyt.errors import StorageError
+
+
+# a write that fails for want of room or rights, not because of what is written
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    A full disk or a read-only folder becomes one ``StorageError`` naming ``path``; the previous file
+    at ``path``, if any, is untouched and the temporary file is removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise storage_error(exc, path) or exc
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -23,6 +37,30 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp_path
         os.replace(tmp_path, path)
+    except OSError as exc:
+        raise storage_error(exc, path) or exc
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def storage_error(exc: BaseException, path=None) -> StorageError | None:
+    """A ``StorageError`` naming the path for an OSError of room or rights, else None."""
+    if not isinstance(exc, OSError):
+        return None
+    reason = exc.strerror
+    if exc.errno is None and path is not None and _nearly_full(Path(path).parent):
+        reason = os.strerror(errno.ENOSPC)  # numpy's tofile says only "N requested and M written"
+    elif exc.errno not in STORAGE_ERRNOS:
+        return None
+    where = path if path is not None else exc.filename
+    kept = " (the previous file there is intact)" if path is not None and Path(path).exists() else ""
+    return StorageError(f"cannot write {where or 'an output'}: {reason}{kept}; "
+                        "free space or fix the folder's permissions, then rerun: finished outputs are kept")
+
+
+def _nearly_full(folder: Path) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        return False

@@ -81,9 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
     try:
         return int(module.run(args) or 0)
-    except FlytError as exc:
+    except (FlytError, OSError) as exc:
+        from flyt.atomic import storage_error
+
+        exc = exc if isinstance(exc, FlytError) else storage_error(exc)  # a log or folder written in place
+        if exc is None:
+            raise
         print(f"\nflyt {args.command}: error: {_one_line(exc)}", file=sys.stderr)
-        return 2
+        return exc.exit_code
 
 
 def _one_line(exc: Exception) -> str:

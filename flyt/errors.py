@@ -1,5 +1,14 @@
-"""One exception type for bad user input, so the CLI can print it as a single line."""
+"""The user-facing errors, so the CLI can print each as a single line."""
 
 
 class FlytError(Exception):
-    """A problem with the user's input (a file, a flag): shown as one line, exit code 2."""
+    """Bad input: a flag, a file or a folder that is not what the command needs (exit code 2)."""
+
+    exit_code = 2
+
+
+class StorageError(FlytError):
+    """An output that cannot be written: a full disk or quota, a read-only or forbidden folder (exit code 1).
+    What was written before is intact; a rerun once there is room completes the job."""
+
+    exit_code = 1
