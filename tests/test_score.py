@@ -309,7 +309,7 @@ def test_kill_and_rerun_gives_the_uninterrupted_result(exp, flyt_reference, tmp_
 
 
 def test_two_way_split_and_torchrun_ranks_cover_the_pool_once(exp, mflyt_reference, tmp_path, monkeypatch):
-    from flyt.commands.score import job_split
+    from flyt.runner.job import job_split
 
     parts = []
     for i in range(2):
