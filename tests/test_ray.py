@@ -199,3 +199,31 @@ def test_an_address_that_does_not_answer_is_one_line_and_fast(exp, tmp_path):
     assert lines == [f"flyt score: error: --ray_address {address}: no Ray cluster answers there (Connection "
                      "refused); start one with `ray start --head`, or leave --ray_address out for a local Ray"]
     assert seconds < 30 and not list((tmp_path / "out").glob("*.parquet"))
+
+
+# ---------------------------------------------------------------------------------------------- flyt reshard
+
+
+def _reshard_files(out: Path) -> dict:
+    """Every output file's bytes; the stats files without their clock readings, meta.json without its folder."""
+    files = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.suffix != ".json"}
+    for path in out.glob("*_stats.json"):
+        files[path.name] = {k: v for k, v in json.loads(path.read_text()).items()
+                            if k not in ("duration", "start_time", "end_time")}
+    files["meta"] = {k: v for k, v in json.loads((out / "meta.json").read_text()).items() if k != "output_dir"}
+    return files
+
+
+def test_reshard_on_ray_writes_the_in_process_shards(local_ray, exp, tmp_path):
+    from flyt.data.subset import save_subset
+
+    uids = exp["df"]["uid"].tolist()
+    wanted = {uid: 1 + i % 3 for i, uid in enumerate(uids[::3])}
+    save_subset(tmp_path / "subset.npy", list(wanted), list(wanted.values()))
+    argv = ["reshard", "--pool", str(exp["root"] / "pool"), "--subset", str(tmp_path / "subset.npy"),
+            "--shard_size", "9", "--seed", "3"]
+    assert cli(argv + ["--output", str(tmp_path / "local"), "--workers", "1"]) == 0
+    assert cli(argv + ["--output", str(tmp_path / "ray"), "--engine", "ray"]) == 0
+    reference = _reshard_files(tmp_path / "local")
+    assert len([name for name in reference if name.endswith(".tar")]) == -(-sum(wanted.values()) // 9)
+    assert _reshard_files(tmp_path / "ray") == reference

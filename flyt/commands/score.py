@@ -134,9 +134,10 @@ def run(args: argparse.Namespace) -> int:
     job = ScoreJob(shards, output, args.checkpoint, args.model, args.parquet_fields, args.parquet_dir,
                    args.batch_size, args.workers, args.device, args.precision)
     on_ray = args.engine == "ray"
+    executor = make_executor(args, 1) if on_ray else None  # connects: a dead address fails before the model loads
     mode = job.check(here=not on_ray)  # a bad checkpoint or flag fails here, before anything is written
-    # M-FLYT: --workers threads, a shard each; FLYT: one pipeline whose data loader has --workers processes
-    executor = make_executor(args, args.workers if mode == "mflyt" else 1)
+    if not on_ray:  # M-FLYT: --workers threads, a shard each; FLYT: one pipeline, its loader has --workers processes
+        executor = make_executor(args, args.workers if mode == "mflyt" else 1)
     if on_ray and mode == "flyt":
         wants_gpu = args.device.startswith("cuda") if args.device else executor.cluster_resources().get("GPU", 0) > 0
         job.num_gpus = 1 if wants_gpu else 0
