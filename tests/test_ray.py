@@ -1,14 +1,14 @@
 """``--engine ray`` on one local Ray with 2 CPUs: the same files as in-process, lost workers survived.
 
 Mutations checked (each made once, the test seen failing, then restored):
-- ``RayExecutor.run`` not requeueing the unit of a lost actor (``queue.appendleft`` removed): the SIGKILL
-  test's unit ``002`` fails with the actor's death;
-- the ``job.done(unit)`` check after a loss removed: the SIGKILL test sees unit ``004`` run twice;
-- no bound on retries (``> self.retries`` -> ``> 10**6``): the self-killing unit never fails (test times out);
-- ``ScoreJob.units`` giving every unit ``taken=None``: the repeated shard's uids are scored twice, on Ray;
+- ``RayExecutor.run`` not requeueing the unit of a lost actor (``queue.appendleft`` -> ``pass``): the
+  SIGKILL test finds unit ``002`` never done;
+- the ``job.done(unit)`` check after a loss disabled: the SIGKILL test sees unit ``004`` run twice;
+- one retry more than asked (``> self.retries + 1``): the self-killing unit fails after 3 losses, not 2;
+- ``ScoreJob.units`` giving every unit ``taken=None``: the copied shard's uids are scored twice on Ray;
 - ``_probe`` removed: ``ray.init`` retries the dead address for minutes (the subprocess times out);
-- the reshard write job's ``outputs`` listing only the tar: the Ray reshard is not byte-equal
-  (a rerun leaves a shard without its parquet).
+- an actor not handed back after its unit (``idle.append(actor)`` removed): the Ray reshard stops after
+  the first two units (``ray.wait`` on nothing).
 """
 
 from __future__ import annotations
