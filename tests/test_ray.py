@@ -7,6 +7,7 @@ Mutations checked (each made once, the test seen failing, then restored):
 - one retry more than asked (``> self.retries + 1``): the self-killing unit fails after 3 losses, not 2;
 - ``ScoreJob.units`` giving every unit ``taken=None``: the copied shard's uids are scored twice on Ray;
 - ``_probe`` removed: ``ray.init`` retries the dead address for minutes (the subprocess times out);
+- reshard making its executor after claiming ``--output``: the refused run leaves an output folder;
 - an actor not handed back after its unit (``idle.append(actor)`` removed): the Ray reshard stops after
   the first two units (``ray.wait`` on nothing).
 """
@@ -197,8 +198,19 @@ def test_an_address_that_does_not_answer_is_one_line_and_fast(exp, tmp_path):
     assert done.returncode == 2, done.stderr
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert lines == [f"flyt score: error: --ray_address {address}: no Ray cluster answers there (Connection "
-                     "refused); start one with `ray start --head`, or leave --ray_address out for a local Ray"]
+                     "refused); start one with `ray start --head`, or leave --ray_address and RAY_ADDRESS unset "
+                     "for a local Ray"]
     assert seconds < 30 and not list((tmp_path / "out").glob("*.parquet"))
+    # the same from RAY_ADDRESS, for reshard: refused before its output folder is made
+    from flyt.data.subset import save_subset
+
+    save_subset(tmp_path / "subset.npy", exp["df"]["uid"].tolist()[:5], [1] * 5)
+    done = subprocess.run([sys.executable, "-m", "flyt.cli", "reshard", "--pool", str(exp["root"] / "pool"),
+                           "--subset", str(tmp_path / "subset.npy"), "--output", str(tmp_path / "resharded"),
+                           "--engine", "ray"], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "RAY_ADDRESS": address})
+    assert done.returncode == 2 and f"--ray_address {address}: no Ray cluster" in done.stderr.strip()
+    assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "resharded").exists()
 
 
 # ---------------------------------------------------------------------------------------------- flyt reshard

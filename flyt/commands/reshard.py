@@ -99,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
         "shard_size": args.shard_size,
         "shuffle_seed": args.shuffle_seed,
     }
-    if _claim(out, job, args):
+    executor = make_executor(args, args.workers, "fork")  # no torch here: forked workers start at once
+    if _claim(out, job, args):  # (after the executor: a Ray address that does not answer fails before any write)
         meta = json.loads((out / "meta.json").read_text())
         print(f"{out} is already complete: {meta['output_count']:,} samples in {meta['output_shard_count']} shards")
         shutil.rmtree(out / ".work", ignore_errors=True)  # left if the last run stopped right after meta.json
@@ -111,7 +112,6 @@ def run(args: argparse.Namespace) -> int:
     keys, counts = _unique(_uid_bytes(subset))
     index_dir = out / ".work" / "index"
     scans = [(path, str(index_dir / f"{i:08d}.npz"), not args.no_parquet) for i, path in enumerate(shards)]
-    executor = make_executor(args, args.workers, "fork")  # no torch here: forked workers start at once
     _run_phase(Phase("scan", scans, {"keys": keys}), executor)
     index, stats = _load_index([t[1] for t in scans])
     index, duplicates = _first_occurrences(index)

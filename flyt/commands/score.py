@@ -142,12 +142,13 @@ def run(args: argparse.Namespace) -> int:
         wants_gpu = args.device.startswith("cuda") if args.device else executor.cluster_resources().get("GPU", 0) > 0
         job.num_gpus = 1 if wants_gpu else 0
     job.title = f"flyt score ({mode})"
+    mine = [s for j, s in enumerate(shards) if j % parts == part]
+    job.find_repeats([s for s in mine if not output.part(s).exists()])
     output.parts.mkdir(parents=True, exist_ok=True)
     report = run_job(job, executor, part, parts)
     for name, stats in report.done.items():  # a shard finished just before its Ray worker was lost
         if not stats:
             report.done[name] = read_stats(output.parts / f"{name}.parquet") or {}
-    mine = [s for j, s in enumerate(shards) if j % parts == part]
     summary = _summarise(report, job, mine, args, part, parts, time.perf_counter() - started)
     missing = [s for s in shards if not output.part(s).exists()]
     summary["coverage"] = _coverage(shards, output, missing)

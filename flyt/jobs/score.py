@@ -28,17 +28,21 @@ class ScoreJob(Job):
         self.batch_size, self.workers, self.device, self.precision = batch_size, workers, device, precision
         self.mode, self.mixer = None, None  # set by ``check``: the checkpoint's mode, M-FLYT's (fields, weight, bias)
         self.num_gpus = 0  # set by the command: GPUs per Ray actor
+        self.taken: dict = {}  # set by ``find_repeats``
         self._state = None
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_state": None}  # a worker loads its own model
+        return {**self.__dict__, "_state": None, "taken": {}}  # a worker loads its own model; units carry ``taken``
 
     # ------------------------------------------------------------------------------------------ the job
 
+    def find_repeats(self, pending: list[Shard]) -> None:
+        """Per pending shard, the uids an earlier shard holds (from the ids of the shards up to the last one)."""
+        last = max((self.shards.index(shard) for shard in pending), default=-1)
+        self.taken = repeats_of_earlier_shards(self.shards[: last + 1]) if pending else {}
+
     def units(self) -> list[Unit]:
-        pending = [j for j, shard in enumerate(self.shards) if not self.output.part(shard).exists()]
-        taken = repeats_of_earlier_shards(self.shards[: pending[-1] + 1]) if pending else {}
-        return [Unit(shard.name, (shard, taken.get(shard.name))) for shard in self.shards]
+        return [Unit(shard.name, (shard, self.taken.get(shard.name))) for shard in self.shards]
 
     def outputs(self, unit: Unit) -> list[Path]:
         return [self.output.part(unit.payload[0])]

@@ -39,8 +39,8 @@ def _probe(address: str) -> None:
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_SECONDS).close()
     except OSError as exc:
-        raise FlytError(f"--ray_address {address}: no Ray cluster answers there ({exc.strerror or exc}); "
-                        "start one with `ray start --head`, or leave --ray_address out for a local Ray") from None
+        raise FlytError(f"--ray_address {address}: no Ray cluster answers there ({exc.strerror or exc}); start one "
+                        "with `ray start --head`, or leave --ray_address and RAY_ADDRESS unset for a local Ray") from None
 
 
 class _Worker:
@@ -110,7 +110,7 @@ class RayExecutor:
                 fits += min((int(have.get(k, 0) // v) for k, v in asks.items() if v), default=units)
         if fits < 1:
             raise FlytError(f"no node of the Ray cluster has the {', '.join(f'{v} {k}' for k, v in asks.items() if v)} "
-                            "one worker of this job needs")
+                            "one worker of this job needs (fewer --workers ask for fewer CPUs)")
         return min(fits, units, self.max_actors or math.inf)
 
     def run(self, job: Job, units: list[Unit]) -> Iterator[tuple[Unit, dict | BaseException]]:
@@ -143,8 +143,8 @@ class RayExecutor:
                     if job.done(unit):  # it finished before its worker went: its outputs hold its results
                         yield unit, {}
                     elif losses[unit.name] > self.retries:
-                        yield unit, FlytError(f"lost its Ray worker {losses[unit.name]} times "
-                                              f"(last: {error_message(exc)})")
+                        last = error_message(exc).split(". ")[0]  # Ray's first sentence; its logs say more
+                        yield unit, FlytError(f"lost its Ray worker {losses[unit.name]} times (last: {last})")
                     else:
                         queue.appendleft(unit)
                     continue
