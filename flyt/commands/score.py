@@ -44,7 +44,7 @@ from flyt.data.score_files import Output, merge, read_stats
 from flyt.errors import FlytError
 from flyt.jobs.score import ScoreJob
 from flyt.runner.engines import add_engine_arguments, make_executor
-from flyt.runner.job import Report, job_split, run_job, sweep_temporaries
+from flyt.runner.job import Report, job_split, run_job, share, sweep_temporaries
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -86,7 +86,8 @@ def _summarise(report: Report, job: ScoreJob, mine, args, part: int, parts: int,
     totals = report.totals()
     timings = totals.get("timings", {})
     paths = {shard.name: str(shard.path) for shard in job.shards}
-    per_shard = {name: {k: stats[k] for k in ("shard", "scored", "skipped")} for name, stats in sorted(report.done.items())}
+    per_shard = {name: {k: stats[k] for k in ("shard", "scored", "skipped")}
+                 for name, stats in sorted(report.done.items()) if stats}
     scored_all, skipped_all = 0, {}
     for shard in mine:
         stats = per_shard.get(shard.name) or read_stats(job.output.part(shard)) or {}
@@ -142,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         wants_gpu = args.device.startswith("cuda") if args.device else executor.cluster_resources().get("GPU", 0) > 0
         job.num_gpus = 1 if wants_gpu else 0
     job.title = f"flyt score ({mode})"
-    mine = [s for j, s in enumerate(shards) if j % parts == part]
+    mine = share(shards, part, parts)  # the shards run_job gives this part
     job.find_repeats([s for s in mine if not output.part(s).exists()])
     output.parts.mkdir(parents=True, exist_ok=True)
     report = run_job(job, executor, part, parts)
