@@ -4,6 +4,8 @@ Mutations checked (each made once, the test seen failing, then restored):
 - ``RayExecutor.run`` not requeueing the unit of a lost actor (``queue.appendleft`` -> ``pass``): the
   SIGKILL test finds unit ``002`` never done;
 - the ``job.done(unit)`` check after a loss disabled: the SIGKILL test sees unit ``004`` run twice;
+- only the first unit of a lost call requeued (``for unit in batch[:1]``): with two units per call,
+  the unit queued behind the killed one is never done;
 - one retry more than asked (``> self.retries + 1``): the self-killing unit fails after 3 losses, not 2;
 - ``ScoreJob.units`` giving every unit ``taken=None``: the copied shard's uids are scored twice on Ray;
 - ``_probe`` removed: ``ray.init`` retries the dead address for minutes (the subprocess times out);
@@ -102,10 +104,13 @@ def _kill_when_blocked(out: Path, names: list[str]) -> threading.Thread:
     return thread
 
 
-def test_a_killed_worker_costs_its_unit_one_rerun_and_a_finished_unit_none(local_ray, tmp_path):
+@pytest.mark.parametrize("per_call", [1, 2])
+def test_a_killed_worker_costs_its_unit_one_rerun_and_a_finished_unit_none(local_ray, tmp_path, per_call):
+    """With two units per call, the unit queued behind a killed one is requeued too (it never started)."""
     from flyt.runner.on_ray import RayExecutor
 
     job = Blocking(tmp_path, 6, block_before={2}, block_after={4})
+    job.units_per_call = per_call
     watcher = _kill_when_blocked(tmp_path, ["002", "004"])
     report = run_job(job, RayExecutor())
     watcher.join(5)
@@ -168,7 +173,8 @@ def test_score_on_ray_writes_the_in_process_files(local_ray, one_thread, exp, tm
     import pandas as pd
 
     assert _score(exp, mode, tmp_path / "local") == 0
-    assert _score(exp, mode, tmp_path / "ray", "--engine", "ray") == 0
+    # FLYT: one actor of 2 CPUs, its data loader 2 processes reading 2 shards per call
+    assert _score(exp, mode, tmp_path / "ray", "--engine", "ray", *(["--workers", 2] if mode == "flyt" else [])) == 0
     reference = _parquets(tmp_path / "local")
     assert len(reference) == 5 and _parquets(tmp_path / "ray") == reference  # byte for byte
     union = pd.concat([pd.read_parquet(tmp_path / "ray" / name) for name in reference])

@@ -52,6 +52,11 @@ class ScoreJob(Job):
             return {"num_cpus": 1}
         return {"num_cpus": max(1, self.workers), "num_gpus": self.num_gpus}
 
+    @property
+    def units_per_call(self) -> int:
+        """FLYT: a shard per data-loader process, so that a Ray actor's loader reads in parallel too."""
+        return 1 if self.mode == "mflyt" else max(1, self.workers)
+
     def setup(self):
         """(mode, what scores): the mixer, or (model, spec, device, precision); built once per worker."""
         if self._state is None:

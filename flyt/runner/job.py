@@ -35,6 +35,7 @@ class Job:
 
     title = "flyt"  # the progress line's label
     unit_label = "shard"
+    units_per_call = 1  # units a Ray actor gets at once: more for a job whose ``run_many`` pipelines them
 
     def units(self) -> list[Unit]:
         raise NotImplementedError

@@ -1,7 +1,7 @@
 """Running a job's units on a Ray cluster (or a Ray started here): the engine beyond one machine.
 
-Each actor runs ``job.setup()`` once (a loaded model stays loaded) and then one unit per call; units go
-to actors as they free up. An actor that is lost (its process killed, its node gone) costs only the
+Each actor runs ``job.setup()`` once (a loaded model stays loaded) and then ``job.units_per_call`` units
+per call (one, or several for a job whose ``run_many`` pipelines them); units go to actors as they free up. An actor that is lost (its process killed, its node gone) costs only the
 unit it held: that unit goes back in the queue for a fresh actor, at most ``retries`` times, unless its
 outputs already exist (it finished just before the loss), in which case it is not redone. A unit's own
 error is not a loss: the actor returns it and ``run_job`` records it, as with ``InProcess``.
@@ -52,20 +52,27 @@ class _Worker:
     def pid(self) -> int:
         return os.getpid()
 
-    def run(self, unit: Unit):
-        """The unit's statistics, or its exception *returned* (a raised one would look like a lost actor)."""
+    def run(self, units: list[Unit]) -> list:
+        """Each unit's statistics, or its exception *returned* (a raised one would look like a lost actor),
+        in the order of ``units``; several units share one ``run_many`` (a job's pipeline)."""
+        done, error = {}, RuntimeError("the job's run_many gave no result for this unit")
         try:
             if not self.ready:
                 self.state, self.ready = self.job.setup(), True
-            [(_, result)] = list(self.job.run_many([unit], self.state))
-        except Exception as exc:  # a setup error fails each unit with the same message
-            result = exc
-        if isinstance(result, BaseException):
-            try:
-                pickle.dumps(result)
-            except Exception:
-                result = RuntimeError(error_message(result))
-        return result
+            for unit, result in self.job.run_many(units, self.state):
+                done[unit.name] = result
+        except Exception as exc:  # a setup error (or a broken pipeline) fails the units it left
+            error = exc
+        return [_picklable(done.get(unit.name, error)) for unit in units]
+
+
+def _picklable(result):
+    if isinstance(result, BaseException):
+        try:
+            pickle.dumps(result)
+        except Exception:
+            return RuntimeError(error_message(result))
+    return result
 
 
 class RayExecutor:
@@ -120,36 +127,38 @@ class RayExecutor:
         from ray.exceptions import ActorUnschedulableError, ObjectLostError, RayActorError, WorkerCrashedError
 
         lost_errors = (RayActorError, WorkerCrashedError, ObjectLostError, ActorUnschedulableError)
-        needs = job.resources()
+        needs, per_call = job.resources(), max(1, job.units_per_call)
         actor_class = ray.remote(max_restarts=0, **needs)(_Worker)
         shared_job = ray.put(job)  # stored once in the object store, not once per actor
-        actors = [actor_class.remote(shared_job) for _ in range(self._actors_that_fit(ray, needs, len(units)))]
+        fits = self._actors_that_fit(ray, needs, -(-len(units) // per_call))
+        actors = [actor_class.remote(shared_job) for _ in range(fits)]
         idle, queue, running, losses = list(actors), deque(units), {}, Counter()
         try:
             while queue or running:
                 while queue and idle:
-                    unit, actor = queue.popleft(), idle.pop()
-                    running[actor.run.remote(unit)] = (unit, actor)
+                    batch, actor = [queue.popleft() for _ in range(min(per_call, len(queue)))], idle.pop()
+                    running[actor.run.remote(batch)] = (batch, actor)
                 [ref], _ = ray.wait(list(running), num_returns=1)
-                unit, actor = running.pop(ref)
+                batch, actor = running.pop(ref)
                 try:
-                    result = ray.get(ref)
+                    results = ray.get(ref)
                 except lost_errors as exc:
                     ray.kill(actor)
                     fresh = actor_class.remote(shared_job)
                     actors.append(fresh)
                     idle.append(fresh)
-                    losses[unit.name] += 1
-                    if job.done(unit):  # it finished before its worker went: its outputs hold its results
-                        yield unit, {}
-                    elif losses[unit.name] > self.retries:
-                        last = error_message(exc).split(". ")[0]  # Ray's first sentence; its logs say more
-                        yield unit, FlytError(f"lost its Ray worker {losses[unit.name]} times (last: {last})")
-                    else:
-                        queue.appendleft(unit)
+                    for unit in reversed(batch):  # requeued in their order, at the front
+                        losses[unit.name] += 1
+                        if job.done(unit):  # it finished before its worker went: its outputs hold its results
+                            yield unit, {}
+                        elif losses[unit.name] > self.retries:
+                            last = error_message(exc).split(". ")[0]  # Ray's first sentence; its logs say more
+                            yield unit, FlytError(f"lost its Ray worker {losses[unit.name]} times (last: {last})")
+                        else:
+                            queue.appendleft(unit)
                     continue
                 idle.append(actor)
-                yield unit, result
+                yield from zip(batch, results)
         finally:
             for actor in actors:
                 ray.kill(actor)
