@@ -64,7 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="FLYT: OpenCLIP name of the scoring base (needed for the original's .pt files)")
     parser.add_argument("--batch_size", type=int, default=256, help="FLYT: samples per forward pass")
     parser.add_argument("--workers", type=int, default=4,
-                        help="FLYT: data-loader processes (each reads whole shards); M-FLYT: threads, one shard each")
+                        help="FLYT: data-loader processes (each reads whole shards; on Ray, per actor, which asks "
+                             "for as many CPUs); M-FLYT: threads, one shard each (on Ray: one CPU per actor)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--precision", default=None,
                         help="fp32; amp / amp_bf16 (= amp_bfloat16): autocast (fp16 needs CUDA); bf16: bf16 weights "
