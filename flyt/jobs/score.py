@@ -32,7 +32,9 @@ class ScoreJob(Job):
         self._state = None
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_state": None, "taken": {}}  # a worker loads its own model; units carry ``taken``
+        """What a worker gets: the settings. It loads its own model, and its units carry their shard and
+        ``taken`` (a huge pool's shard list and repeats stay with the driver)."""
+        return {**self.__dict__, "_state": None, "taken": {}, "shards": []}
 
     # ------------------------------------------------------------------------------------------ the job
 
