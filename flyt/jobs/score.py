@@ -40,7 +40,8 @@ class ScoreJob(Job):
 
     def find_repeats(self, pending: list[Shard]) -> None:
         """Per pending shard, the uids an earlier shard holds (from the ids of the shards up to the last one)."""
-        last = max((self.shards.index(shard) for shard in pending), default=-1)
+        position = {shard.name: j for j, shard in enumerate(self.shards)}
+        last = max((position[shard.name] for shard in pending), default=-1)
         self.taken = repeats_of_earlier_shards(self.shards[: last + 1]) if pending else {}
 
     def units(self) -> list[Unit]:

@@ -1,16 +1,16 @@
 """Running a job's units on a Ray cluster (or a Ray started here): the engine beyond one machine.
 
-Each actor runs ``job.setup()`` once (a loaded model stays loaded) and then ``job.units_per_call`` units
-per call (one, or several for a job whose ``run_many`` pipelines them); units go to actors as they free up. An actor that is lost (its process killed, its node gone) costs only the
-unit it held: that unit goes back in the queue for a fresh actor, at most ``retries`` times, unless its
-outputs already exist (it finished just before the loss), in which case it is not redone. A unit's own
-error is not a loss: the actor returns it and ``run_job`` records it, as with ``InProcess``.
+Each actor runs ``job.setup()`` once (a loaded model stays loaded), then ``job.units_per_call`` units a
+call (one, or several for a job whose ``run_many`` pipelines them); units go to actors as they free up.
+An actor that is lost (its process killed, its node gone) costs only the units of its call: each goes
+back in the queue for a fresh actor, at most ``retries`` times, unless its outputs already exist (it
+finished just before the loss), in which case it is not redone. A unit's own error is no loss: the
+actor returns it and ``run_job`` records it, as with ``InProcess``.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import pickle
 import socket
 from collections import Counter, deque
@@ -44,13 +44,10 @@ def _probe(address: str) -> None:
 
 
 class _Worker:
-    """One Ray actor: the job's per-worker state, built on the first unit, and its units run one by one."""
+    """One Ray actor: the job's per-worker state, built on its first call, kept for the next ones."""
 
     def __init__(self, job: Job):
         self.job, self.state, self.ready = job, None, False
-
-    def pid(self) -> int:
-        return os.getpid()
 
     def run(self, units: list[Unit]) -> list:
         """Each unit's statistics, or its exception *returned* (a raised one would look like a lost actor),
