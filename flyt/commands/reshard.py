@@ -69,7 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--subset", required=True, help="DataComp subset file (.npy of u8,u8 uids, repeats allowed)")
     parser.add_argument("--output", required=True, help="folder for the new shards (new, empty, or an unfinished run)")
     parser.add_argument("--shard_size", type=int, default=10000, help="samples per output shard")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: CPU count; on Ray: as many actors as the cluster fits)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="processes (default: CPU count; on Ray: as many actors as the cluster fits)")
     parser.add_argument(
         "--seed", "--shuffle_seed", dest="shuffle_seed", type=int, metavar="SEED",
         help="write the samples in a permutation drawn with this seed (default: pool order)"
