@@ -85,3 +85,10 @@ def test_job_split_from_flags_and_torchrun():
     for bad in ((1, None), (3, 3), (0, 0)):
         with pytest.raises(FlytError):
             job_split(*bad, {})
+
+
+def test_progress_counts_units_and_samples_per_second(tmp_path, capsys):
+    """Mutation: ``run_job`` without its ``set_postfix`` call (the line has no samples/s)."""
+    run_job(Squares(tmp_path, 7), InProcess(1))
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("squares: 7/7 shard (100%)") and "samples_per_s=" in line

@@ -309,7 +309,7 @@ def test_kill_and_rerun_gives_the_uninterrupted_result(exp, flyt_reference, tmp_
 
 
 def test_two_way_split_and_torchrun_ranks_cover_the_pool_once(exp, mflyt_reference, tmp_path, monkeypatch):
-    from flyt.commands.score import job_split
+    from flyt.runner.job import job_split
 
     parts = []
     for i in range(2):
@@ -450,3 +450,17 @@ def test_bad_flags_give_one_line_errors(exp, tmp_path, capsys):
         assert "CUDA" in _error_of(capsys, argv("flyt", None, None, "--precision", "amp"))
         assert "CUDA" in _error_of(capsys, argv("flyt", None, None, "--device", "cuda"))
     assert not (tmp_path / "out").exists()  # nothing is written before the flags are known to be good
+
+
+def test_coverage_check_names_files_of_no_pool_shard(exp, mflyt_reference, tmp_path, capsys):
+    """Mutation: ``_coverage`` computing no extra files (``extra = []``) passes the stray file unnoticed."""
+    out = tmp_path / "out"
+    shutil.copytree(mflyt_reference, out)
+    (out / "zz_other_pool.parquet").write_bytes((out / "00000000.parquet").read_bytes())
+    assert _score(exp, "mflyt", out) == 0  # every shard done: only the check runs
+    coverage = json.loads((out / "_summary.json").read_text())["coverage"]
+    assert coverage == {"pool_shards": 4, "with_scores": 4, "complete": True, "extra_files": ["zz_other_pool.parquet"]}
+    assert "also holds 1 file(s) of no shard of this pool (e.g. zz_other_pool.parquet)" in capsys.readouterr().err
+    (out / "zz_other_pool.parquet").unlink()
+    assert _score(exp, "mflyt", out, "--shard_index", "0", "--num_shards", "2") == 0
+    assert "every shard of the pool is scored exactly once (4 shards)" in capsys.readouterr().out

@@ -1,8 +1,8 @@
 """``flyt reshard``: write the samples a DataComp subset selects as new WebDataset shards (docs/formats.md).
 
 Every row of the subset becomes one output sample, so a uid listed k times is written k times. Two
-phases, both spread over ``--workers`` processes and both restartable, because every file is written
-atomically and skipped when it already exists:
+phases, both per-shard jobs of ``flyt.runner`` (over ``--workers`` processes, or ``--engine ray``) and
+both restartable, because every file is written atomically and skipped when it already exists:
 
 1. scan: each input shard's tar headers and ``.json`` members are read (image bytes are seeked over)
    and the byte range of every sample whose uid is in the subset goes to ``OUTPUT/.work/index/``.
@@ -34,19 +34,20 @@ import os
 import shutil
 import tarfile
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flyt import __version__, progress
+from flyt import __version__
 from flyt.atomic import atomic_path
+from flyt.data.pool import member_name
 from flyt.data.shards import list_shards
 from flyt.errors import FlytError
 from flyt.data.subset import load_subset, uids_to_array
+from flyt.runner.engines import add_engine_arguments, make_executor
+from flyt.runner.job import Job, Unit, run_job
 
 OUTPUT_SHARD_FORMAT = "{:08d}.tar"
 KEY_FORMAT = "pool key for the first copy, KEY_r for copy r >= 1"
@@ -56,7 +57,7 @@ INDEX_DTYPE = np.dtype([("uid", "S16"), ("start", "<i8"), ("length", "<i8")])
 STATS = ("samples", "no_uid", "duplicates", "skipped")
 JOB_KEYS = ("subset_sha256", "pool_sha256", "shard_size", "shuffle_seed")
 _OPEN_FILES = 64  # input shards a writer keeps open at once (a shuffled output shard reads from many)
-_STATE: dict = {}  # per-process inputs of the phase running now (set in every worker by _init)
+_STATE: dict = {}  # per-process inputs of the phase running now (set in every worker by its job's setup)
 
 
 # ---------------------------------------------------------------------------------------------- command
@@ -68,7 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--subset", required=True, help="DataComp subset file (.npy of u8,u8 uids, repeats allowed)")
     parser.add_argument("--output", required=True, help="folder for the new shards (new, empty, or an unfinished run)")
     parser.add_argument("--shard_size", type=int, default=10000, help="samples per output shard")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: CPU count)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="processes (default: CPU count; on Ray: as many actors as the cluster fits)")
     parser.add_argument(
         "--seed", "--shuffle_seed", dest="shuffle_seed", type=int, metavar="SEED",
         help="write the samples in a permutation drawn with this seed (default: pool order)"
@@ -79,6 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no_parquet", action="store_true", help="read every input tar, even if its .parquet lists no selected uid"
     )
+    add_engine_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -97,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
         "shard_size": args.shard_size,
         "shuffle_seed": args.shuffle_seed,
     }
-    if _claim(out, job, args):
+    executor = make_executor(args, args.workers, "fork")  # no torch here: forked workers start at once
+    if _claim(out, job, args):  # (after the executor: a Ray address that does not answer fails before any write)
         meta = json.loads((out / "meta.json").read_text())
         print(f"{out} is already complete: {meta['output_count']:,} samples in {meta['output_shard_count']} shards")
         shutil.rmtree(out / ".work", ignore_errors=True)  # left if the last run stopped right after meta.json
@@ -109,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     keys, counts = _unique(_uid_bytes(subset))
     index_dir = out / ".work" / "index"
     scans = [(path, str(index_dir / f"{i:08d}.npz"), not args.no_parquet) for i, path in enumerate(shards)]
-    _parallel(_scan_shard, [t for t in scans if not Path(t[1]).exists()], args.workers, {"keys": keys}, "scan")
+    _run_phase(Phase("scan", scans, {"keys": keys}), executor)
     index, stats = _load_index([t[1] for t in scans])
     index, duplicates = _first_occurrences(index)
     copies = counts[np.searchsorted(keys, index["uid"])]
@@ -122,11 +126,10 @@ def run(args: argparse.Namespace) -> int:
         )
 
     n_out = -(-total // args.shard_size)
-    todo = [j for j in range(n_out) if not all(path.exists() for path in _output_paths(out, j))]
     order = None if args.shuffle_seed is None else np.random.default_rng(args.shuffle_seed).permutation(total)
     state = {"shards": shards, "index": index, "ends": np.cumsum(copies), "copies": copies, "order": order,
              "shard_size": args.shard_size, "total": total, "out": str(out)}
-    _parallel(_write_output_shard, todo, args.workers, state, "write")
+    _run_phase(Phase("write", [(str(out), j) for j in range(n_out)], state), executor)
 
     scan = dict(zip(STATS, stats.sum(axis=0).tolist()))
     meta = {
@@ -265,20 +268,13 @@ def _json_uid(data: bytes) -> bytes | None:
     return raw if len(raw) == 16 else None
 
 
-def _split_name(name: str) -> tuple[str, str]:
-    """(key, extension) as WebDataset splits a member name: the key ends at the base name's first dot."""
-    folder, slash, base = name.rpartition("/")
-    stem, _, ext = base.partition(".")
-    return folder + slash + stem, ext
-
-
 def _samples(tar: tarfile.TarFile):
     """(key, members) of every sample: WebDataset groups consecutive members sharing a key."""
-    return itertools.groupby((m for m in tar if m.isfile()), key=lambda m: _split_name(m.name)[0])
+    return itertools.groupby((m for m in tar if m.isfile()), key=lambda m: member_name(m.name)[0])
 
 
 def _sample_json(tar: tarfile.TarFile, members: list[tarfile.TarInfo]) -> bytes | None:
-    member = next((m for m in members if _split_name(m.name)[1] == "json"), None)
+    member = next((m for m in members if member_name(m.name)[1] == "json"), None)
     return None if member is None else tar.extractfile(member).read()
 
 
@@ -290,7 +286,7 @@ def _sample_uid(tar: tarfile.TarFile, members: list[tarfile.TarInfo]) -> bytes |
 # ---------------------------------------------------------------------------------------------- phase 1
 
 
-def _scan_shard(task: tuple[str, str, bool]) -> None:
+def _scan_shard(task: tuple[str, str, bool]) -> int:
     """Record where the selected samples of one input shard lie; written atomically, so a rerun skips it."""
     path, index_path, use_parquet = task
     keys = _STATE["keys"]
@@ -316,6 +312,7 @@ def _scan_shard(task: tuple[str, str, bool]) -> None:
     stats = np.array([samples, no_uid, duplicates, int(skipped)], dtype=np.int64)
     with atomic_path(index_path) as tmp, open(tmp, "wb") as handle:
         np.savez(handle, index=found, stats=stats)
+    return samples
 
 
 def _check_tar_end(tar: tarfile.TarFile, path: str) -> None:
@@ -376,7 +373,7 @@ def shard_stats(count: int, start_time: float, end_time: float) -> dict:
             "status_dict": {"success": count} if count else {}}
 
 
-def _write_output_shard(j: int) -> None:
+def _write_output_shard(j: int) -> int:
     """Output shard j: occurrences [j*S, (j+1)*S) of the layout, copied member by member from the pool."""
     st = _STATE
     size = st["shard_size"]
@@ -405,6 +402,7 @@ def _write_output_shard(j: int) -> None:
         tmp.write_text(json.dumps(shard_stats(len(keys), started, time.time()), indent=4))
     with atomic_path(parquet_path) as tmp:  # like img2dataset's: the json's key, which names the pool sample
         pq.write_table(pa.table({"uid": uids, "key": pool_keys}), tmp)
+    return len(keys)
 
 
 def _read_range(handles: dict, path: str, start: int, length: int) -> bytes:
@@ -433,7 +431,7 @@ def _copy_sample(raw: bytes, out: tarfile.TarFile, copy: int, uid: str, source: 
                 raise ValueError(f"expected uid {uid}")
             name = key if copy == 0 else f"{key}_{copy}"
             for member in group:
-                info = tarfile.TarInfo(f"{name}.{_split_name(member.name)[1]}")
+                info = tarfile.TarInfo(f"{name}.{member_name(member.name)[1]}")
                 info.size, info.mtime, info.mode = member.size, member.mtime, member.mode
                 out.addfile(info, tar.extractfile(member))
     except (tarfile.TarError, ValueError, EOFError) as exc:
@@ -443,35 +441,42 @@ def _copy_sample(raw: bytes, out: tarfile.TarFile, copy: int, uid: str, source: 
     return name, pool_key(json.loads(data), key)
 
 
-# ---------------------------------------------------------------------------------------------- processes
+# ---------------------------------------------------------------------------------------------- jobs
 
 
-def _init(state: dict) -> None:
-    _STATE.clear()
-    _STATE.update(state)
+class Phase(Job):
+    """One phase as a per-shard job: ``scan`` (a unit per input shard, its index file) or ``write`` (a unit
+    per output shard, its three files). ``state`` is what the phase's function reads from ``_STATE``."""
+
+    def __init__(self, phase: str, tasks: list, state: dict):
+        self.phase, self.tasks, self.state = phase, tasks, state
+        self.title = f"flyt reshard: {phase}"
+
+    def units(self) -> list[Unit]:
+        return [Unit(f"{i:08d}", task) for i, task in enumerate(self.tasks)]
+
+    def outputs(self, unit: Unit) -> list[Path]:
+        if self.phase == "scan":
+            return [Path(unit.payload[1])]
+        return list(_output_paths(*unit.payload))
+
+    def setup(self) -> None:
+        _STATE.clear()
+        _STATE.update(self.state)
+
+    def run(self, unit: Unit, state) -> dict:
+        if self.phase == "scan":
+            return {"samples": _scan_shard(unit.payload) or 0}
+        return {"samples": _write_output_shard(unit.payload[1]) or 0}
 
 
-def _parallel(fn, tasks: list, workers: int, state: dict, desc: str) -> None:
-    """Run ``fn`` over ``tasks`` with ``state`` visible to it; in this process when one worker suffices.
-
-    A process pool executor rather than ``multiprocessing.Pool``: it reports a worker that died instead
-    of waiting for it forever, and it can drop the queued tasks once one has failed.
-    """
-    workers = min(workers, len(tasks))
-    with progress.bar(total=len(tasks), desc=desc, unit="shard") as bar:
-        if workers <= 1:
-            _init(state)
-            try:
-                for task in tasks:
-                    fn(task)
-                    bar.update()
-            finally:
-                _STATE.clear()
-            return
-        with ProcessPoolExecutor(workers, get_context(), initializer=_init, initargs=(state,)) as pool:
-            try:
-                for done in as_completed([pool.submit(fn, task) for task in tasks]):
-                    done.result()
-                    bar.update()
-            finally:
-                pool.shutdown(cancel_futures=True)
+def _run_phase(job: Phase, executor) -> None:
+    """Run a phase's pending units; the first failure (after the others are done) stops the command."""
+    try:
+        report = run_job(job, executor)
+    finally:
+        _STATE.clear()
+    if report.failed:
+        message = report.failed[min(report.failed)]
+        more = f" (and {len(report.failed) - 1} other shard(s))" if len(report.failed) > 1 else ""
+        raise FlytError(f"{message}{more}")

@@ -22,27 +22,29 @@ Two paths:
   apply the model's validation transform and tokenizer, and send batches that never cross a shard
   boundary; the last batch of a shard is flagged so its file is written as soon as it is complete.
 
-Restartable and parallel: a shard whose output exists is skipped, outputs are written atomically, and
-jobs split the sorted shard list without overlap (shard j belongs to job j % N; ``--shard_index I
---num_shards N``, or the RANK/WORLD_SIZE of torchrun, or both: job I*WORLD_SIZE + RANK of N*WORLD_SIZE).
-A shard that cannot be read is reported by name, the others are finished, and the exit code is 1.
+Restartable and parallel, on the per-shard runner (``flyt.runner``): a shard whose output exists is
+skipped, outputs are written atomically, and jobs split the sorted shard list without overlap (shard j
+belongs to job j % N; ``--shard_index I --num_shards N``, or the RANK/WORLD_SIZE of torchrun, or both:
+job I*WORLD_SIZE + RANK of N*WORLD_SIZE). ``--engine ray`` scores the shards on Ray actors that keep the
+model loaded (a GPU each where the cluster has GPUs). A shard that cannot be read is reported by name,
+the others are finished, and the exit code is 1. Once every shard of the pool has its file, the folder
+is checked to hold exactly one file per pool shard.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
+from flyt.data.pool import pool_shards
+from flyt.data.score_files import Output, merge, read_stats
 from flyt.errors import FlytError
-from flyt.jobs.score_flyt import score_flyt
-from flyt.jobs.score_mflyt import MixerScores, score_mflyt
-from flyt.data.score_files import Output, Report, merge, read_stats, remove_stale_temporaries
-from flyt.data.pool import Shard, pool_shards, repeats_of_earlier_shards
+from flyt.jobs.score import ScoreJob
+from flyt.runner.engines import add_engine_arguments, make_executor
+from flyt.runner.job import Report, job_split, run_job, share, sweep_temporaries
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,28 +64,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="FLYT: OpenCLIP name of the scoring base (needed for the original's .pt files)")
     parser.add_argument("--batch_size", type=int, default=256, help="FLYT: samples per forward pass")
     parser.add_argument("--workers", type=int, default=4,
-                        help="FLYT: data-loader processes (each reads whole shards); M-FLYT: threads, one shard each")
+                        help="FLYT: data-loader processes (each reads whole shards; on Ray, per actor, which asks "
+                             "for as many CPUs); M-FLYT: threads, one shard each (on Ray: one CPU per actor)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--precision", default=None,
                         help="fp32; amp / amp_bf16 (= amp_bfloat16): autocast (fp16 needs CUDA); bf16: bf16 weights "
                              "(default: amp on CUDA, else fp32)")
     add_job_split_arguments(parser)
-
-
-def job_split(shard_index: int | None, num_shards: int | None, env=os.environ) -> tuple[int, int]:
-    """(this job, number of jobs) from the flags and torchrun's RANK/WORLD_SIZE."""
-    if (shard_index is None) != (num_shards is None):
-        raise FlytError("--shard_index and --num_shards go together")
-    index, count = (0, 1) if num_shards is None else (shard_index, num_shards)
-    if count < 1 or not 0 <= index < count:
-        raise FlytError(f"--shard_index must be in [0, --num_shards) and --num_shards >= 1 (got {index}, {count})")
-    try:
-        rank, world = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
-    except ValueError:
-        raise FlytError(f"RANK/WORLD_SIZE must be integers (got {env.get('RANK')!r}, {env.get('WORLD_SIZE')!r})") from None
-    if world < 1 or not 0 <= rank < world:
-        raise FlytError(f"RANK {rank} is not in [0, WORLD_SIZE {world})")
-    return index * world + rank, count * world
+    add_engine_arguments(parser)
 
 
 def _check_flags(args) -> None:
@@ -95,52 +83,31 @@ def _check_flags(args) -> None:
         raise FlytError(f"--checkpoint {args.checkpoint} does not exist")
 
 
-def _load(args, device):
-    from flyt.models.checkpoint import load_scorer
-
-    model, spec = load_scorer(args.checkpoint, args.model, args.parquet_fields, device=device,
-                              precision="bf16" if args.precision == "bf16" else "fp32")
-    if spec.mode == "mflyt":
-        if not args.parquet_dir:
-            raise FlytError(f"{args.checkpoint} is an M-FLYT mixer over {', '.join(spec.parquet_fields)}: "
-                            "give --parquet_dir with those input scores")
-        given = list(args.parquet_fields or [])
-        if given and set(given) != set(spec.parquet_fields):  # the same names in another order change nothing
-            if len(given) != len(spec.parquet_fields):
-                raise FlytError(f"--parquet_fields names {len(given)} columns but the mixer mixes "
-                                f"{len(spec.parquet_fields)} ({', '.join(spec.parquet_fields)})")
-            print(f"flyt score: the mixer's inputs {', '.join(spec.parquet_fields)} are read from the columns "
-                  f"{', '.join(given)} (--parquet_fields, in the mixer's order)", file=sys.stderr)
-            spec.parquet_fields = given
-    else:
-        if args.parquet_dir or args.parquet_fields:
-            raise FlytError(f"{args.checkpoint} is a FLYT image-text scorer: --parquet_dir/--parquet_fields are for M-FLYT")
-        if args.model and spec.model != args.model:
-            raise FlytError(f"{args.checkpoint} holds a scorer on {spec.model}, not --model {args.model}")
-    return model, spec
-
-
-def _summarise(report: Report, output: Output, mine: list[Shard], spec, args, job: int, jobs: int, seconds: float) -> dict:
-    totals = Counter()
-    all_skipped = Counter()
+def _summarise(report: Report, job: ScoreJob, mine, args, part: int, parts: int, seconds: float) -> dict:
+    totals = report.totals()
+    timings = totals.get("timings", {})
+    paths = {shard.name: str(shard.path) for shard in job.shards}
+    per_shard = {name: {k: stats[k] for k in ("shard", "scored", "skipped")}
+                 for name, stats in sorted(report.done.items()) if stats}
+    scored_all, skipped_all = 0, {}
     for shard in mine:
-        stats = report.done.get(shard.name)
-        if stats is None and output.part(shard).exists():
-            stats = read_stats(output.part(shard))
-        if stats:
-            totals["scored"] += stats.get("scored", 0)
-            all_skipped.update(stats.get("skipped", {}))
+        stats = per_shard.get(shard.name) or read_stats(job.output.part(shard)) or {}
+        scored_all += stats.get("scored", 0)
+        for cause, n in stats.get("skipped", {}).items():
+            skipped_all[cause] = skipped_all.get(cause, 0) + n
+    scored, busy = totals.get("scored", 0), report.seconds
     return {
-        "mode": spec.mode, "checkpoint": str(args.checkpoint), "pool": str(args.upstream_data_dir),
-        "output": str(output.path), "job": job, "jobs": jobs,
-        "shards": report.shards_total, "shards_done": len(report.done),
-        "shards_skipped_existing": report.shards_skipped_existing, "shards_failed": len(report.failed),
-        "failed": report.failed, "samples_scored": report.scored, "skipped": dict(sorted(report.skipped.items())),
-        "seconds": round(seconds, 3), "scoring_seconds": round(report.timings["scoring_s"], 3),
-        "samples_per_s": round(report.scored / report.timings["scoring_s"], 1) if report.timings["scoring_s"] > 0 else None,
-        "timings": {k: round(v, 4) for k, v in sorted(report.timings.items())},
-        "per_shard": report.done,
-        "all_outputs": {"samples_scored": totals["scored"], "skipped": dict(sorted(all_skipped.items()))},
+        "mode": job.mode, "engine": args.engine, "checkpoint": str(args.checkpoint), "pool": str(args.upstream_data_dir),
+        "output": str(job.output.path), "job": part, "jobs": parts,
+        "shards": report.units_total, "shards_done": len(report.done),
+        "shards_skipped_existing": report.already_done, "shards_failed": len(report.failed),
+        "failed": {paths[name]: message for name, message in sorted(report.failed.items())},
+        "samples_scored": scored, "skipped": totals.get("skipped", {}),
+        "seconds": round(seconds, 3), "scoring_seconds": round(busy, 3),
+        "samples_per_s": round(scored / busy, 1) if busy > 0 and report.done else None,
+        "timings": {k: round(v, 4) for k, v in timings.items()},
+        "per_shard": per_shard,
+        "all_outputs": {"samples_scored": scored_all, "skipped": dict(sorted(skipped_all.items()))},
     }
 
 
@@ -157,56 +124,44 @@ def _print_summary(summary: dict, output: Output) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flyt import progress
-
     started = time.perf_counter()
     _check_flags(args)
-    job, jobs = job_split(args.shard_index, args.num_shards)
-    output = Output(args.output, job, jobs)
+    part, parts = job_split(args.shard_index, args.num_shards)
+    output = Output(args.output, part, parts)
     shards = pool_shards(args.upstream_data_dir)
     for shard in shards:
         if output.part(shard).resolve() == shard.metadata.resolve():
             raise FlytError(f"--output {output.path} would overwrite the pool's metadata {shard.metadata}: "
                             "write the scores to another folder")
-    mine = [s for j, s in enumerate(shards) if j % jobs == job]
-    from flyt.precision import resolve_device, resolve_precision
-
-    args.precision = resolve_precision(args.precision)
-    device = resolve_device(args.device, args.precision)
-    model, spec = _load(args, device)
-    mixer = None
-    if spec.mode == "mflyt":
-        layer = model.layers[0]
-        weight = layer.weight.detach().double().cpu().numpy().reshape(-1)
-        bias = float(layer.bias.detach().double().cpu().reshape(-1)[0])
-        mixer = MixerScores(args.parquet_dir, spec.parquet_fields, weight, bias)
-
-    report = Report(shards_total=len(mine))
-    pending = [s for s in mine if not output.part(s).exists()]
-    report.shards_skipped_existing = len(mine) - len(pending)
+    job = ScoreJob(shards, output, args.checkpoint, args.model, args.parquet_fields, args.parquet_dir,
+                   args.batch_size, args.workers, args.device, args.precision)
+    on_ray = args.engine == "ray"
+    executor = make_executor(args, 1) if on_ray else None  # connects: a dead address fails before the model loads
+    mode = job.check(here=not on_ray)  # a bad checkpoint or flag fails here, before anything is written
+    if not on_ray:  # M-FLYT: --workers threads, a shard each; FLYT: one pipeline, its loader has --workers processes
+        executor = make_executor(args, args.workers if mode == "mflyt" else 1)
+    if on_ray and mode == "flyt":
+        wants_gpu = args.device.startswith("cuda") if args.device else executor.cluster_resources().get("GPU", 0) > 0
+        job.num_gpus = 1 if wants_gpu else 0
+    job.title = f"flyt score ({mode})"
+    mine = share(shards, part, parts)  # the shards run_job gives this part
+    job.find_repeats([s for s in mine if not output.part(s).exists()])
     output.parts.mkdir(parents=True, exist_ok=True)
-    for shard in pending:
-        remove_stale_temporaries(output.part(shard))
-    total = _expected_samples(pending)
-    taken = repeats_of_earlier_shards(shards[: shards.index(pending[-1]) + 1]) if pending else {}
-    scoring_started = time.perf_counter()
-    with progress.bar(total=total, desc=f"flyt score ({spec.mode})", unit="sample", unit_scale=True, mininterval=1.0,
-                      file=sys.stderr) as bar:
-        if mixer is not None:
-            score_mflyt(pending, output, mixer, report, bar, args.workers, taken)
-        else:
-            score_flyt(pending, output, model, spec, args, device, report, bar, taken)
-    report.timings["scoring_s"] = time.perf_counter() - scoring_started
-    summary = _summarise(report, output, mine, spec, args, job, jobs, time.perf_counter() - started)
+    report = run_job(job, executor, part, parts)
+    for name, stats in report.done.items():  # a shard finished just before its Ray worker was lost
+        if not stats:
+            report.done[name] = read_stats(output.parts / f"{name}.parquet") or {}
+    summary = _summarise(report, job, mine, args, part, parts, time.perf_counter() - started)
+    missing = [s for s in shards if not output.part(s).exists()]
+    summary["coverage"] = _coverage(shards, output, missing)
     if output.merged:
-        missing = [s for s in shards if not output.part(s).exists()]
         if missing:
             summary["merged"] = None
             print(f"flyt score: {len(missing)} shard(s) of the pool have no scores yet "
                   f"(e.g. {missing[0].path}): {output.path} is written once all are done")
         else:
-            if jobs == 1:  # a merge killed earlier left its temporary file (with peers, it may be theirs)
-                remove_stale_temporaries(output.path)
+            if parts == 1:  # a merge killed earlier left its temporary file (with peers, it may be theirs)
+                sweep_temporaries([output.path])
             summary["merged"] = {"path": str(output.path), "rows": merge([output.part(s) for s in shards], output.path)}
             print(f"flyt score: merged {summary['merged']['rows']} scores into {output.path}")
     from flyt.atomic import atomic_path
@@ -217,14 +172,15 @@ def run(args: argparse.Namespace) -> int:
     return 1 if report.failed else 0
 
 
-def _expected_samples(shards: list[Shard]) -> int | None:
-    """Rows of the pending shards' metadata parquets (for the progress bar), None if any is missing."""
-    import pyarrow.parquet as pq
-
-    total = 0
-    for shard in shards:
-        try:
-            total += pq.read_metadata(shard.metadata).num_rows
-        except Exception:
-            return None
-    return total
+def _coverage(shards, output: Output, missing: list) -> dict:
+    """Once every shard has its file: exactly one file per pool shard, and none from anything else."""
+    coverage = {"pool_shards": len(shards), "with_scores": len(shards) - len(missing), "complete": not missing}
+    if not missing:
+        extra = sorted({p.name for p in output.parts.glob("*.parquet")} - {output.part(s).name for s in shards})
+        coverage["extra_files"] = extra
+        if extra:
+            print(f"flyt score: warning: {output.parts} also holds {len(extra)} file(s) of no shard of this pool "
+                  f"(e.g. {extra[0]}); a folder of scores should hold one pool's", file=sys.stderr)
+        else:
+            print(f"flyt score: every shard of the pool is scored exactly once ({len(shards)} shards)")
+    return coverage

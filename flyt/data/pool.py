@@ -49,6 +49,14 @@ def pool_shards(spec: str) -> list[Shard]:
     return [Shard(p, n) for p, n in zip(paths, names)]
 
 
+def member_name(name: str) -> tuple[str, str]:
+    """(sample key, extension) of a tar member, as WebDataset splits it: the key ends at the base name's
+    first dot (``a/b.seg.png`` -> ``a/b``, ``seg.png``); consecutive members sharing a key form a sample."""
+    folder, slash, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return folder + slash + stem, ext
+
+
 def iter_tar(path: Path, only: tuple[str, ...] | None = None):
     """The samples of a WebDataset shard: dicts of extension -> bytes plus ``__key__`` (consecutive members
     sharing a key form a sample). With ``only``, the other members' data is never read."""
@@ -59,11 +67,10 @@ def iter_tar(path: Path, only: tuple[str, ...] | None = None):
         for member in tar:
             if not member.isfile():
                 continue
-            directory, _, base = member.name.rpartition("/")
+            base = member.name.rpartition("/")[2]
             if "." not in base or base.startswith("."):
                 continue
-            stem, ext = base.split(".", 1)
-            key = f"{directory}/{stem}" if directory else stem
+            key, ext = member_name(member.name)
             if sample is None or sample["__key__"] != key:
                 if sample is not None:
                     yield sample

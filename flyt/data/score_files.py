@@ -1,15 +1,10 @@
 """Where ``flyt score`` writes: one parquet file per pool shard (uid, score float32, key; the shard's
-statistics in the file's metadata), written atomically, optionally merged into one file; and the report
-of what happened to each shard."""
+statistics in the file's metadata), written atomically, optionally merged into one file."""
 
 from __future__ import annotations
 
-import glob
 import json
-import os
-import sys
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from flyt.errors import FlytError
@@ -42,15 +37,6 @@ class Output:
 
     def part(self, shard: Shard) -> Path:
         return self.parts / f"{shard.name}.parquet"
-
-
-def remove_stale_temporaries(path: Path) -> None:
-    """The temporary files (``atomic_path``'s) that a killed run left for ``path``: a rerun writes it again."""
-    for tmp in glob.glob(str(path.parent / glob.escape(f".{path.name}.")) + "*.tmp"):
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
 
 
 def write_shard(path: Path, uids, keys, scores, stats: dict) -> None:
@@ -108,34 +94,3 @@ def merge(parts: list[Path], target: Path) -> int:
 def shard_stats(shard: Shard, scored: int, skipped: Counter) -> dict:
     """What a shard's output file records about it (in its parquet metadata) and the summary lists."""
     return {"shard": str(shard.path), "scored": int(scored), "skipped": dict(sorted(skipped.items()))}
-
-
-@dataclass
-class Report:
-    """What happened to this job's shards; printed and written as the summary."""
-
-    shards_total: int = 0
-    shards_skipped_existing: int = 0
-    done: dict = field(default_factory=dict)  # shard name -> {"scored", "skipped"}
-    failed: dict = field(default_factory=dict)  # shard path -> message
-    skipped: Counter = field(default_factory=Counter)
-    scored: int = 0
-    timings: Counter = field(default_factory=Counter)
-
-    def shard_done(self, shard: Shard, scored: int, skipped: Counter) -> dict:
-        stats = shard_stats(shard, scored, skipped)
-        self.done[shard.name] = stats
-        self.scored += int(scored)
-        self.skipped.update(skipped)
-        return stats
-
-    def shard_failed(self, shard: Shard, message: str) -> None:
-        self.failed[str(shard.path)] = message
-        from flyt import progress
-
-        progress.write(f"flyt score: cannot read shard {shard.path}: {message}", file=sys.stderr)
-
-
-def error_message(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[-1]}" if text else type(exc).__name__

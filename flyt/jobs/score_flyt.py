@@ -9,8 +9,10 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from flyt.data.score_files import Output, Report, error_message, write_shard
 from flyt.data.pool import Shard, first_copies, iter_tar
+from flyt.data.score_files import Output, shard_stats, write_shard
+from flyt.errors import FlytError
+from flyt.runner.job import error_message
 
 
 def _shard_batches_class():
@@ -96,14 +98,17 @@ def forward_scores(model, image, text, device, precision: str):
     return out.float().cpu().numpy()
 
 
-def score_flyt(shards: list[Shard], output: Output, model, spec, args, device, report: Report, bar, taken: dict) -> None:
+def score_flyt(shards: list[tuple[Shard, object]], output: Output, model, spec, batch_size: int, workers: int,
+               device, precision: str):
+    """Score ``shards`` ((shard, uids an earlier shard scores) pairs) through one data loader; yields
+    (index in ``shards``, statistics or the shard's error) as each shard's file is written."""
     import torch
 
     if not shards:
         return
     preprocess, tokenizer = val_transforms(model, spec)
-    dataset = _shard_batches_class()([str(s.path) for s in shards], args.batch_size, preprocess, tokenizer)
-    workers = min(args.workers, len(shards))
+    dataset = _shard_batches_class()([str(s.path) for s, _ in shards], batch_size, preprocess, tokenizer)
+    workers = min(workers, len(shards))
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
                                          pin_memory=device.type == "cuda",
                                          prefetch_factor=4 if workers else None)
@@ -111,7 +116,7 @@ def score_flyt(shards: list[Shard], output: Output, model, spec, args, device, r
     if device.type == "cpu" and workers:  # the loader's processes need cores too: do not oversubscribe them
         torch.set_num_threads(max(1, min(threads, _cpu_count() - workers)))
     try:
-        _flyt_loop(loader, shards, output, model, args, device, report, bar, taken)
+        yield from _flyt_loop(loader, shards, output, model, device, precision)
     finally:
         torch.set_num_threads(threads)
 
@@ -123,27 +128,29 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def _flyt_loop(loader, shards: list[Shard], output: Output, model, args, device, report: Report, bar,
-               taken: dict) -> None:
+def _flyt_loop(loader, shards: list[tuple[Shard, object]], output: Output, model, device, precision: str):
     import numpy as np
 
     partial: dict[int, list] = defaultdict(list)
+    timings: dict[int, Counter] = defaultdict(Counter)
+    read: Counter = Counter()
     waited = time.perf_counter()
     for item in loader:
-        report.timings["data_wait_s"] += time.perf_counter() - waited
         index = item["shard"]
-        shard = shards[index]
+        shard, taken = shards[index]
+        timings[index]["data_wait_s"] += time.perf_counter() - waited
         if "error" in item:
             partial.pop(index, None)
-            report.shard_failed(shard, item["error"])
+            timings.pop(index, None)
+            yield index, FlytError(item["error"])
             waited = time.perf_counter()
             continue
         if item["image"] is not None:
             started = time.perf_counter()
-            scores = forward_scores(model, item["image"], item["text"], device, args.precision)
-            report.timings["model_s"] += time.perf_counter() - started
+            scores = forward_scores(model, item["image"], item["text"], device, precision)
+            timings[index]["model_s"] += time.perf_counter() - started
             partial[index].append((item["uid"], item["key"], scores))
-        bar.update(item["read"])
+        read[index] += item["read"]
         if item["last"]:
             started = time.perf_counter()
             parts = partial.pop(index, [])
@@ -151,7 +158,7 @@ def _flyt_loop(loader, shards: list[Shard], output: Output, model, args, device,
             keys = [k for p in parts for k in p[1]]
             scores = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, np.float32)
             skipped = Counter(item["skipped"])
-            first = first_copies(uids, taken.get(shard.name))
+            first = first_copies(uids, taken)
             skipped["repeated_uid"] += int((~first).sum())
             finite = np.isfinite(scores)
             skipped["nonfinite_score"] += int((first & ~finite).sum())
@@ -160,6 +167,9 @@ def _flyt_loop(loader, shards: list[Shard], output: Output, model, args, device,
                 uids = [u for u, f in zip(uids, keep) if f]
                 keys = [k for k, f in zip(keys, keep) if f]
                 scores = scores[keep]
-            write_shard(output.part(shard), uids, keys, scores, report.shard_done(shard, len(scores), +skipped))
-            report.timings["write_s"] += time.perf_counter() - started
+            stats = shard_stats(shard, len(scores), +skipped)
+            write_shard(output.part(shard), uids, keys, scores, stats)
+            spent = timings.pop(index)
+            spent["write_s"] += time.perf_counter() - started
+            yield index, {**stats, "samples": read.pop(index), "timings": dict(spent)}
         waited = time.perf_counter()

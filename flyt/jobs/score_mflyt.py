@@ -9,8 +9,9 @@ from functools import partial
 from pathlib import Path
 
 from flyt.errors import FlytError
-from flyt.data.score_files import Output, Report, error_message, shard_stats, write_shard
+from flyt.data.score_files import Output, shard_stats, write_shard
 from flyt.data.pool import Shard, as_strings, first_copies, shard_ids, valid_uids
+from flyt.runner.job import error_message
 
 
 def positions(values, query):
@@ -151,24 +152,22 @@ class MixerScores:
         return out, found
 
 
-def _mflyt_shard(shard: Shard, output: Output, mixer: MixerScores, taken=None) -> tuple:
-    """Score one shard and write its file; (scored, skipped, timings) or, if it cannot be read, the error.
+def score_shard(shard: Shard, output: Output, mixer: MixerScores, taken=None) -> dict:
+    """Score one shard and write its file; returns its statistics (timings included).
     ``taken``: the uids an earlier shard scores (see :func:`repeats_of_earlier_shards`)."""
     import numpy as np
     import pyarrow as pa
 
     timings = Counter()
-    try:
-        started = time.perf_counter()
-        uids, keys, skipped = shard_ids(shard)
-        first = first_copies(uids, taken)
-        if not first.all():
-            skipped["repeated_uid"] += int((~first).sum())
-            uids, keys = uids.filter(pa.array(first)), keys.filter(pa.array(first))
-        timings["read_s"] += time.perf_counter() - started
-        scores, found = mixer.shard_scores(uids, keys, timings)
-    except Exception as exc:  # an unreadable shard or score file: the others still get scored
-        return None, exc, timings
+    started = time.perf_counter()
+    uids, keys, skipped = shard_ids(shard)
+    read = len(uids) + sum(skipped.values())
+    first = first_copies(uids, taken)
+    if not first.all():
+        skipped["repeated_uid"] += int((~first).sum())
+        uids, keys = uids.filter(pa.array(first)), keys.filter(pa.array(first))
+    timings["read_s"] += time.perf_counter() - started
+    scores, found = mixer.shard_scores(uids, keys, timings)
     started = time.perf_counter()
     finite = np.isfinite(scores)
     keep = found & finite
@@ -181,29 +180,7 @@ def _mflyt_shard(shard: Shard, output: Output, mixer: MixerScores, taken=None) -
     scores = scores.astype(np.float32)
     timings["compute_s"] += time.perf_counter() - started
     started = time.perf_counter()
-    write_shard(output.part(shard), uids, keys, scores, shard_stats(shard, len(scores), skipped))
+    stats = shard_stats(shard, len(scores), skipped)
+    write_shard(output.part(shard), uids, keys, scores, stats)
     timings["write_s"] += time.perf_counter() - started
-    return len(scores), skipped, timings
-
-
-def score_mflyt(shards: list[Shard], output: Output, mixer: MixerScores, report: Report, bar, workers: int,
-                taken: dict) -> None:
-    """Shard by shard, or ``workers`` shards at a time in threads (pyarrow and numpy release the GIL)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    def record(shard: Shard, result: tuple) -> None:
-        scored, skipped, timings = result
-        report.timings.update(timings)
-        if scored is None:
-            report.shard_failed(shard, error_message(skipped))
-        else:
-            report.shard_done(shard, scored, skipped)
-            bar.update(scored + sum(skipped.values()))
-
-    if workers <= 1 or len(shards) <= 1:
-        for shard in shards:
-            record(shard, _mflyt_shard(shard, output, mixer, taken.get(shard.name)))
-        return
-    with ThreadPoolExecutor(min(workers, len(shards)), thread_name_prefix="flyt-score") as pool:
-        for shard, result in zip(shards, pool.map(lambda s: _mflyt_shard(s, output, mixer, taken.get(s.name)), shards)):
-            record(shard, result)
+    return {**stats, "samples": read, "timings": dict(timings)}

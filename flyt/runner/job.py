@@ -35,6 +35,7 @@ class Job:
 
     title = "flyt"  # the progress line's label
     unit_label = "shard"
+    units_per_call = 1  # units a Ray actor gets at once: more for a job whose ``run_many`` pipelines them
 
     def units(self) -> list[Unit]:
         raise NotImplementedError
@@ -139,13 +140,17 @@ def run_job(job: Job, executor, part: int = 0, parts: int = 1, bar=None) -> Repo
     own_bar = bar is None
     if own_bar:
         bar = progress.bar(total=len(mine), initial=report.already_done, desc=job.title, unit=job.unit_label)
+    samples = 0
     try:
         for unit, result in executor.run(job, pending):
             if isinstance(result, BaseException):
                 report.failed[unit.name] = error_message(result)
             else:
                 report.done[unit.name] = result
+                samples += result.get("samples", 0)
             if own_bar:
+                if samples:
+                    bar.set_postfix(samples_per_s=f"{samples / (time.perf_counter() - started):.4g}")
                 bar.update()
     finally:
         if own_bar:

@@ -14,11 +14,13 @@ _WORKER: dict = {}  # in a worker process: its job and the job's per-worker stat
 class InProcess:
     """Units in this process (``workers`` <= 1), in ``workers`` threads sharing one ``setup`` (numpy and
     pyarrow release the GIL, so I/O-bound units overlap), or in ``workers`` processes, each with its own
-    ``setup``. Results arrive as units finish; a dead worker process fails its units, not the run."""
+    ``setup``. Results arrive as units finish; a dead worker process fails its units, not the run.
+    ``process`` workers are spawned (safe where torch has started threads); ``fork`` ones start at once,
+    for torch-free jobs."""
 
     def __init__(self, workers: int = 1, kind: str = "thread"):
-        if kind not in ("thread", "process"):
-            raise ValueError(f"kind must be 'thread' or 'process', not {kind!r}")
+        if kind not in ("thread", "process", "fork"):
+            raise ValueError(f"kind must be 'thread', 'process' or 'fork', not {kind!r}")
         self.workers, self.kind = max(1, int(workers)), kind
 
     def run(self, job: Job, units: list[Unit]) -> Iterator[tuple[Unit, dict | BaseException]]:
@@ -33,7 +35,8 @@ class InProcess:
             pool = ThreadPoolExecutor(workers)
             submit = lambda unit: pool.submit(_one, job, unit, state)  # noqa: E731
         else:
-            pool = ProcessPoolExecutor(workers, get_context("spawn"), initializer=_start_worker, initargs=(job,))
+            context = get_context("fork" if self.kind == "fork" else "spawn")
+            pool = ProcessPoolExecutor(workers, context, initializer=_start_worker, initargs=(job,))
             submit = lambda unit: pool.submit(_in_worker, unit)  # noqa: E731
         with pool:
             queue = list(reversed(units))
