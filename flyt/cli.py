@@ -70,7 +70,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from flyt.errors import FlytError
+    from flyt.errors import FlytError, Preempted
 
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(argv)
@@ -81,10 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
     try:
         return int(module.run(args) or 0)
-    except (FlytError, OSError) as exc:
+    except (FlytError, OSError, Preempted) as exc:
         from flyt.atomic import storage_error
 
-        exc = exc if isinstance(exc, FlytError) else storage_error(exc)  # a log or folder written in place
+        if isinstance(exc, OSError):  # a log or folder written in place rather than atomically
+            exc = storage_error(exc)
         if exc is None:
             raise
         print(f"\nflyt {args.command}: error: {_one_line(exc)}", file=sys.stderr)

@@ -12,3 +12,12 @@ class StorageError(FlytError):
     What was written before is intact; a rerun once there is room completes the job."""
 
     exit_code = 1
+
+
+class Preempted(BaseException):
+    """Stopped by SIGTERM (a scheduler's pre-emption) with finished work saved (exit code 75, EX_TEMPFAIL,
+    which schedulers can requeue on); rerunning the same command continues. A BaseException, like
+    KeyboardInterrupt, so that no ``except Exception`` around one unit's work mistakes it for that unit's
+    failure."""
+
+    exit_code = 75

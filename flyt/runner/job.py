@@ -10,14 +10,17 @@ the units' statistics and show progress. The executors only decide *where* a uni
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from flyt.errors import FlytError
+from flyt.errors import FlytError, Preempted
 
 
 @dataclass(frozen=True)
@@ -142,21 +145,43 @@ def run_job(job: Job, executor, part: int = 0, parts: int = 1, bar=None) -> Repo
         bar = progress.bar(total=len(mine), initial=report.already_done, desc=job.title, unit=job.unit_label)
     samples = 0
     try:
-        for unit, result in executor.run(job, pending):
-            if isinstance(result, BaseException):
-                report.failed[unit.name] = error_message(result)
-            else:
-                report.done[unit.name] = result
-                samples += result.get("samples", 0)
-            if own_bar:
-                if samples:
-                    bar.set_postfix(samples_per_s=f"{samples / (time.perf_counter() - started):.4g}")
-                bar.update()
+        with _stop_on_sigterm():
+            for unit, result in executor.run(job, pending):
+                if isinstance(result, BaseException):
+                    report.failed[unit.name] = error_message(result)
+                else:
+                    report.done[unit.name] = result
+                    samples += result.get("samples", 0)
+                if own_bar:
+                    if samples:
+                        bar.set_postfix(samples_per_s=f"{samples / (time.perf_counter() - started):.4g}")
+                    bar.update()
+    except Preempted:
+        raise Preempted(f"{job.title}: stopped by SIGTERM with {report.already_done + len(report.done)} of "
+                        f"{len(mine)} {job.unit_label}s done (kept); rerun the same command to do the rest") from None
     finally:
         if own_bar:
             bar.close()
     report.seconds = time.perf_counter() - started
     return report
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm():
+    """SIGTERM stops the job at once: the unit in flight is abandoned (its temporary files go as the
+    exception unwinds, and a rerun redoes it), every finished unit's outputs stay."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Preempted("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def missing_units(job: Job, units: list[Unit] | None = None) -> list[Unit]:
