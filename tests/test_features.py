@@ -339,3 +339,28 @@ def test_mixing_a_features_folder_with_the_released_layout(exp, tmp_path):
     shutil.copytree(released, twin)
     with pytest.raises(Exception, match="both"):
         open_scores(f"{released}::{twin}", ["informative"])
+
+
+def test_mflyt_learns_from_features_output(exp, tmp_path):
+    """``flyt train`` M-FLYT on a ``flyt features`` column mixed with a noise column of the released layout
+    (``--parquet_dir a::b``), on a pool where half the images are noise: NormSim-inf to the digits' training
+    images (AUC 1 even under a random teacher) gets a positive weight. Mutation caught: normsim_inf with
+    its sign flipped (the weight turns negative). In five seed/batch variants the weight was 0.035-0.17,
+    the noise column's -0.11 to +0.03."""
+    truth = toydata.write_pool(tmp_path / "pool", 600, n_shards=3, seed=0, corruption={"noise_image": 0.5})
+    task = toydata.write_task(tmp_path / "tasks", layout="simple", n_train=100)
+    toydata.write_score_parquets(truth, tmp_path / "released", columns=("noise",), informative=())
+    assert cli(["features", "--upstream_data_dir", str(tmp_path / "pool"), "--output", str(tmp_path / "feat"),
+                "--teacher", f"flyt-tiny:{exp['t0']}", "--scores", "normsim_inf", "--target_tasks", str(task.eval_dir),
+                "--workers", "0"]) == 0
+    fields = ["normsim_inf", "noise"]
+    assert cli(["train", "--upstream_data_dir", str(tmp_path / "pool"), "--downstream_task_names", str(task.eval_dir),
+                "--model", "flyt-tiny", "--reference_pretrained", str(exp["t0"]), "--update_reference_model",
+                "--downstream_logit_scale", "2.65926", "--upstream_batch_size", "128", "--downstream_batch_size", "64",
+                "--warmup", "5", "--reference_learning_rate", "1e-3", "--workers", "0", "--output_dir",
+                str(tmp_path / "runs"), "--exp_name", "mflyt", "--n_iterations", "30", "--scoring_learning_rate", "2e-2",
+                "--parquet_dir", f"{tmp_path / 'feat'}::{tmp_path / 'released'}", "--parquet_fields", *fields]) == 0
+    ckpt = torch.load(tmp_path / "runs/mflyt/checkpoints/scoring_epoch_latest.pt", weights_only=True)
+    weights = dict(zip(fields, ckpt["state_dict"]["layers.0.weight"].flatten().tolist()))
+    print(f"M-FLYT weights on flyt features output: {weights}")
+    assert weights["normsim_inf"] > 0.02
