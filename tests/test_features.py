@@ -3,7 +3,7 @@ computation, the embedding cache, two teachers in one pass, kill/rerun and split
 
 from __future__ import annotations
 
-import io
+from collections import Counter
 import json
 import math
 import os
@@ -97,9 +97,9 @@ def _direct_embeddings(exp, teacher: str):
     model, _, preprocess, tokenizer = create_clip("flyt-tiny", str(exp[teacher]))
     model.eval()
     samples = [s for p in sorted(exp["pool"].glob("*.tar")) for raw in iter_tar(p)
-               if (s := decode_pair(raw, __import__("collections").Counter())) is not None]
+               if (s := decode_pair(raw, Counter())) is not None]
     targets = [s["image"] for p in sorted((exp["task"] / "train").glob("*.tar")) for raw in iter_tar(p)
-               if (s := decode_labelled(raw, __import__("collections").Counter())) is not None]
+               if (s := decode_labelled(raw, Counter())) is not None]
     with torch.no_grad():
         img = model.encode_image(torch.stack([preprocess(s["image"]) for s in samples]), normalize=True)
         txt = model.encode_text(tokenizer([s["text"] for s in samples]), normalize=True)
@@ -109,8 +109,9 @@ def _direct_embeddings(exp, teacher: str):
 
 
 def test_every_score_equals_a_direct_computation(exp):
-    """Mutations caught: clip_score without normalising the text embedding; normsim_inf as a mean; NormSim-2
-    without the square root; negCLIPLoss's normalisation without the 1/2tau; a broken image written."""
+    """Mutations caught: clip_score against the next sample's caption; normsim_inf as a mean; NormSim-2
+    without the square root; negCLIPLoss's batches seeded without the shard's name. (negCLIPLoss's formula
+    is the next test's.)"""
     files = _read(exp["out"])
     table = pd.concat(files.values(), ignore_index=True)
     for name, part in files.items():
@@ -143,8 +144,8 @@ def test_every_score_equals_a_direct_computation(exp):
 
 
 def test_neg_clip_loss_is_its_formula_on_a_fixed_assignment():
-    """Mutations caught: the mean-based correction for small batches dropped; a wrapped-in sample scored
-    twice in a round; logsumexp over one direction only; the rounds summed instead of averaged."""
+    """Mutations caught: the normalisation without 1/2tau; the small-batch correction dropped; a wrapped-in
+    sample scored twice in a round; logsumexp over one direction only; the rounds summed, not averaged."""
     g = torch.Generator().manual_seed(0)
     img, txt = torch.randn(5, 4, generator=g), torch.randn(5, 4, generator=g)
     tau, big = 7.0, 3
@@ -176,8 +177,8 @@ def test_neg_clip_loss_is_its_formula_on_a_fixed_assignment():
 
 
 def test_the_cache_gives_the_scores_of_the_images_without_decoding_one(exp, tmp_path, monkeypatch):
-    """Mutations caught: the cache written before the repeated-uid filter (rows misaligned); text and
-    image arrays swapped on reading; a pool image decoded on the cache path."""
+    """Mutations caught: image and text arrays swapped on reading the cache; the cache path ignored (the
+    pool's images decoded)."""
     cache = exp["out"] / "embeddings"
     rows = pd.read_parquet(cache / "00000001.parquet")
     for label in "ab":
@@ -194,7 +195,7 @@ def test_the_cache_gives_the_scores_of_the_images_without_decoding_one(exp, tmp_
 
 
 def test_two_teachers_in_one_pass_equal_two_separate_runs(exp, tmp_path):
-    """Mutation caught: the second teacher's columns computed from the first teacher's image view."""
+    """Mutation caught: every teacher's embeddings computed by the first teacher's model."""
     reference = pd.concat(_read(exp["out"]).values(), ignore_index=True)
     for alias in "ab":
         out = tmp_path / alias
@@ -205,8 +206,8 @@ def test_two_teachers_in_one_pass_equal_two_separate_runs(exp, tmp_path):
 
 
 def test_kill_and_rerun_and_a_split_give_the_uninterrupted_files(exp, tmp_path):
-    """A real SIGKILL mid-run, then a rerun; and a 2-way --shard_index split. Mutation caught: outputs
-    written in place instead of atomically (the killed run's partial file counts as done)."""
+    """A real SIGKILL mid-run, then a rerun; and a 2-way --shard_index split. Mutation caught: negCLIPLoss's
+    batches drawn from one generator per run instead of one per (seed, shard)."""
     out = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, "-m", "flyt.cli", *_argv(exp, out, "--save_embeddings")], env=env,
@@ -233,7 +234,7 @@ def test_kill_and_rerun_and_a_split_give_the_uninterrupted_files(exp, tmp_path):
 
 def test_repeated_uids_once_and_never_a_partial_row(exp, tmp_path):
     """A second copy of a shard adds no rows (first shard wins), and rows whose metadata value is null are
-    skipped and counted. Mutations caught: first_copies not applied; NaN rows written."""
+    skipped and counted. Mutations caught: the earlier shards' uids not excluded; NaN rows written."""
     pool = tmp_path / "pool"
     shutil.copytree(exp["pool"], pool)
     copy = tmp_path / "zcopy" / "x"  # sorted after the pool: its shard comes second
@@ -257,7 +258,7 @@ def test_repeated_uids_once_and_never_a_partial_row(exp, tmp_path):
 
 
 def test_flyt_column_equals_flyt_score(exp, tmp_path):
-    """Mutation caught: the FLYT scorer fed a teacher's image view instead of its own."""
+    """Mutation caught: the FLYT scores of a batch written in reverse order."""
     run = ["train", "--upstream_data_dir", str(exp["pool"]), "--downstream_task_names", str(exp["task"]),
            "--model", "flyt-tiny", "--upstream_batch_size", "8", "--downstream_batch_size", "4", "--workers", "0",
            "--warmup", "1", "--n_iterations", "1", "--output_dir", str(tmp_path), "--exp_name", "f", "--cos_sim_init"]
@@ -281,7 +282,7 @@ def _empty_tar(path: Path) -> None:
 
 def test_bad_input_is_one_line_before_any_model_loads(exp, tmp_path, capsys, monkeypatch):
     """Each bad input gives exit code 2, one line naming it, and no output. Mutation caught: the column
-    definitions not compared (a changed teacher under the same alias reuses the folder)."""
+    definitions not compared (the run is then refused for another reason, with the wrong message)."""
     import flyt.jobs.feature_models as models
 
     monkeypatch.setattr(models, "load_models", lambda *a, **k: pytest.fail("a model was loaded"))
@@ -318,8 +319,8 @@ def test_bad_input_is_one_line_before_any_model_loads(exp, tmp_path, capsys, mon
 
 
 def test_mixing_a_features_folder_with_the_released_layout(exp, tmp_path):
-    """``--parquet_dir a::b``: each column from the folder that holds it. Mutation caught: the vector
-    filled in folder order instead of --parquet_fields order."""
+    """``--parquet_dir a::b``: each column from the folder that holds it. Mutation caught: a folder's
+    values written to consecutive places instead of its fields' places in --parquet_fields order."""
     from flyt.data.scores import open_scores
 
     released = tmp_path / "released"
@@ -345,7 +346,7 @@ def test_mflyt_learns_from_features_output(exp, tmp_path):
     """``flyt train`` M-FLYT on a ``flyt features`` column mixed with a noise column of the released layout
     (``--parquet_dir a::b``), on a pool where half the images are noise: NormSim-inf to the digits' training
     images (AUC 1 even under a random teacher) gets a positive weight. Mutation caught: normsim_inf with
-    its sign flipped (the weight turns negative). In five seed/batch variants the weight was 0.035-0.17,
+    its sign flipped. In five seed/batch variants the weight was 0.035-0.17,
     the noise column's -0.11 to +0.03."""
     truth = toydata.write_pool(tmp_path / "pool", 600, n_shards=3, seed=0, corruption={"noise_image": 0.5})
     task = toydata.write_task(tmp_path / "tasks", layout="simple", n_train=100)
