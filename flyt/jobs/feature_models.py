@@ -107,10 +107,14 @@ def _target_embeddings(s, state) -> dict:
 
 
 class Views:
-    """One decoded image -> its size and one tensor per model, each by that model's own transform."""
+    """One decoded image -> its size and one tensor per distinct transform (models whose transforms are
+    the same, as OpenAI's ViT-B/32 and ViT-L/14 are, share one); ``of[j]`` is model j's view."""
 
     def __init__(self, transforms):
-        self.transforms = transforms
+        names = [repr(t) for t in transforms]  # torchvision's repr lists every step and its settings
+        unique = list(dict.fromkeys(names))
+        self.transforms = [transforms[names.index(u)] for u in unique]
+        self.of = [unique.index(n) for n in names]
 
     def __call__(self, image):
         return {"size": image.size, "views": [t(image) for t in self.transforms]}
@@ -145,7 +149,8 @@ def pool_batches(shards, s, state):
     if state["flyt"] is not None:
         transforms.append(state["flyt"][1])
         tokenizers.append(state["flyt"][2])
-    dataset = _feature_batches_class()([str(x.path) for x in shards], s.batch_size, Views(transforms), tokenizers)
+    views = Views(transforms)
+    dataset = _feature_batches_class()([str(x.path) for x in shards], s.batch_size, views, tokenizers)
     workers = min(s.workers, len(shards))
     device = state["device"]
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
@@ -161,9 +166,10 @@ def pool_batches(shards, s, state):
             item["embeddings"] = {}
             if item["uid"]:
                 for j, (label, model) in enumerate(models):
-                    item["embeddings"][label] = embed(model, item["images"][j], item["tokens"][j], device, s.precision)
+                    item["embeddings"][label] = embed(model, item["images"][views.of[j]], item["tokens"][j], device,
+                                                      s.precision)
                 if state["flyt"] is not None:
-                    item["flyt"] = forward_scores(state["flyt"][0], item["images"][-1], item["tokens"][-1],
+                    item["flyt"] = forward_scores(state["flyt"][0], item["images"][views.of[-1]], item["tokens"][-1],
                                                   device, s.precision)
             del item["images"], item["tokens"]
             yield item

@@ -52,17 +52,16 @@ def neg_clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: float, b
     image, text = unit(image), unit(text)
     n = len(image)
     total = torch.zeros(n, dtype=torch.float32, device=image.device)
-    for batches in rounds:
-        m = batches.shape[1]
-        first = np.arange(batches.size).reshape(batches.shape) < n  # where each sample is scored this round
-        offset = math.log(batch_size / m)
-        for row, keep in zip(batches, first):
-            idx = torch.as_tensor(row, device=image.device)
-            sims = image[idx] @ text[idx].T
-            logits = logit_scale * sims
-            norm = (torch.logsumexp(logits, 1) + torch.logsumexp(logits, 0) + 2 * offset) / (2 * logit_scale)
-            own = torch.as_tensor(keep, device=image.device)
-            total[idx[own]] += (sims.diagonal() - norm)[own]
+    for batches in rounds:  # all batches of a round at once: (batches, m, m) similarities
+        if not batches.size:
+            continue
+        idx = torch.as_tensor(batches, device=image.device)
+        sims = image[idx] @ text[idx].transpose(1, 2)
+        logits = logit_scale * sims
+        offset = 2 * math.log(batch_size / batches.shape[1])
+        norm = (torch.logsumexp(logits, 2) + torch.logsumexp(logits, 1) + offset) / (2 * logit_scale)
+        own = torch.arange(batches.size, device=image.device).reshape(batches.shape) < n  # first batch of each sample
+        total.index_add_(0, idx[own], (sims.diagonal(dim1=1, dim2=2) - norm)[own])
     return total / max(len(rounds), 1)
 
 
