@@ -302,6 +302,9 @@ def test_bad_input_is_one_line_before_any_model_loads(exp, tmp_path, capsys, mon
         "unknown score 'clipscore'": ["--teacher", "flyt-tiny", "--scores", "clipscore"],
         "has no column 'nope'": ["--scores", "meta:nope"],
         "--flyt_checkpoint go together": ["--scores", "flyt"],
+        "must be letters, digits or '_'": ["--teacher", "a-b=flyt-tiny", "--scores", "clip_score"],
+        "no embeddings of teacher flyt-tiny:None": ["--teacher", "flyt-tiny", "--scores", "clip_score",
+                                                    "--from_embeddings", str(exp["out"])],
     }
     for needle, extra in cases.items():
         assert cli(base + extra) == 2, needle
