@@ -14,6 +14,7 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("flyt.train_flyt", "train a FLYT scoring model or an M-FLYT mixing model"),
     "train-clip": ("flyt.commands.train_clip", "train a CLIP on a pool or a subset of it (the filter's yardstick)"),
+    "features": ("flyt.commands.features", "compute M-FLYT's input scores (CLIP score, negCLIPLoss, NormSim, ...) for a pool"),
     "score": ("flyt.commands.score", "score every sample of a pool with a trained FLYT or M-FLYT model, one score per uid"),
     "sample": ("flyt.commands.sample", "turn per-uid scores into a DataComp subset (SCS, HCS, top-k, threshold)"),
     "reshard": ("flyt.commands.reshard", "write the samples a DataComp subset selects (repeats included) as new shards"),

@@ -42,7 +42,7 @@ class TrainConfig:
     downstream_data_weights: str | None = _f(None, "task weights joined by '::' (loss average; mixture for --downstream_clip_loss)")
     downstream_clip_loss: bool = _f(False, "downstream loss = CLIP loss on task image-caption pairs")
     dataset_weighted: bool = _f(False, "with --downstream_clip_loss: every task equally likely, whatever its size")
-    parquet_dir: str | None = _f(None, "M-FLYT: folder of <shard>_scores.parquet input scores")
+    parquet_dir: str | None = _f(None, "M-FLYT: folder of <shard>_scores.parquet input scores (several joined by '::')")
     parquet_fields: list = _f([], "M-FLYT: score columns to mix", nargs="+")
     workers: int = _f(2, "data loader processes")
     shuffle_buffer: int = _f(1000, "(flyt) samples in each stream's shuffle buffer")

@@ -2,7 +2,8 @@
 
 Original layout: ``PARQUET_DIR/<first 8 chars of key>_scores.parquet``, loaded lazily per shard. Any
 other set of parquet files (e.g. the released dataset) is indexed whole on first use. Columns may have
-any numeric dtype; vectors come back as float64 (the model casts them).
+any numeric dtype; vectors come back as float64 (the model casts them). Several folders joined by
+``::`` (the released scores beside ``flyt features`` output) each give the columns their files hold.
 """
 
 from __future__ import annotations
@@ -68,4 +69,40 @@ class ScoreLookup:
         row = index.get(key if join == "key" else uid)
         if row is None:
             raise FlytError(f"no M-FLYT score row for {join} {key if join == 'key' else uid} in {where}")
+        return row
+
+
+def open_scores(parquet_dir: str, fields: list[str]):
+    """The lookup of ``--parquet_dir``: one folder, or several joined by ``::``."""
+    folders = [p for p in str(parquet_dir).split("::") if p]
+    return ScoreLookup(folders[0], fields) if len(folders) == 1 else ScoreFolders(folders, fields)
+
+
+class ScoreFolders:
+    """Several score folders as one lookup: each field comes from the one folder whose files hold it."""
+
+    def __init__(self, folders: list[str], fields: list[str]):
+        owner: dict[str, str] = {}
+        for folder in folders:
+            path = Path(folder)
+            files = sorted(path.glob("*_scores.parquet")) or sorted(path.rglob("*.parquet")) if path.is_dir() else []
+            if not files:
+                raise FlytError(f"--parquet_dir {folder} is not a folder of .parquet files")
+            names = pq.read_schema(files[0]).names
+            for f in fields:
+                if f in names and owner.setdefault(f, folder) != folder:
+                    raise FlytError(f"--parquet_fields {f}: both {owner[f]} and {folder} hold it; name it once")
+        missing = [f for f in fields if f not in owner]
+        if missing:
+            raise FlytError(f"--parquet_fields {', '.join(missing)}: in none of the folders {' :: '.join(folders)}")
+        self.fields = list(fields)
+        self.parts = []  # (lookup of one folder, positions of its fields in the vector)
+        for d in dict.fromkeys(owner.values()):
+            where = [j for j, f in enumerate(fields) if owner[f] == d]
+            self.parts.append((ScoreLookup(d, [fields[j] for j in where]), where))
+
+    def __call__(self, key: str, uid: str) -> np.ndarray:
+        row = np.empty(len(self.fields))
+        for lookup, where in self.parts:
+            row[where] = lookup(key, uid)
         return row

@@ -18,7 +18,7 @@ from flyt.models import checkpoint
 from flyt.method.bilevel import BilevelConfig, DownstreamBatch, flyt_step
 from flyt.method.comm import LocalComm
 from flyt.config import TrainConfig, batch_scaled_scoring_lr
-from flyt.data.scores import ScoreLookup
+from flyt.data.scores import open_scores
 from flyt.data.shards import parse_sources, parse_weights
 from flyt.streams.train import StreamConfig, TrainStream
 from flyt.data.tasks import parse_task_names
@@ -80,7 +80,7 @@ class Trainer:
         self.tasks = parse_task_names(cfg.downstream_task_names, cfg.downstream_data_dir, cfg.datacomp_eval_dir)
         self.task_weights = parse_weights(cfg.downstream_data_weights, len(self.tasks), "--downstream_data_weights")
         sources = parse_sources(cfg.upstream_data_dir, cfg.data_weights)
-        scores = ScoreLookup(cfg.parquet_dir, cfg.parquet_fields) if cfg.mode == "mflyt" else None
+        scores = open_scores(cfg.parquet_dir, cfg.parquet_fields) if cfg.mode == "mflyt" else None
         self.stream_cfg = StreamConfig(
             sources, self.tasks, _per_rank(cfg.upstream_batch_size, self.comm, cfg.accum_freq, "--upstream_batch_size"),
             _per_rank(cfg.downstream_batch_size, self.comm, cfg.accum_freq, "--downstream_batch_size"),
