@@ -368,3 +368,14 @@ def test_mflyt_learns_from_features_output(exp, tmp_path):
     weights = dict(zip(fields, ckpt["state_dict"]["layers.0.weight"].flatten().tolist()))
     print(f"M-FLYT weights on flyt features output: {weights}")
     assert weights["normsim_inf"] > 0.02
+
+
+def test_a_local_ray_run_gives_the_same_files(exp, tmp_path):
+    """``--engine ray`` (a local Ray the command starts, 2 CPUs here): the same score files and embedding
+    cache as the in-process run. Mutation caught: negCLIPLoss's batches seeded by the worker's pid as well
+    as (seed, shard), so that where a shard runs changes its scores."""
+    out = tmp_path / "ray"
+    assert _features(exp, out, "--save_embeddings", "--engine", "ray") == 0
+    _assert_same(exp["out"], out)
+    for path in (exp["out"] / "embeddings").glob("*.npy"):
+        assert path.read_bytes() == (out / "embeddings" / path.name).read_bytes()
