@@ -4,7 +4,8 @@ The file's pickle calls ``exec`` on load; a command that unpickled it with ``wei
 create the marker file. Each command must exit 2 with one error line naming the file (no traceback), and the marker must not
 exist. Mutations checked: ``checkpoint.load`` with ``weights_only=False`` (score and --resume create the
 marker); ``create_clip`` not translating the refusal (eval, train-clip and the --*_pretrained flags print
-torch's multi-line advice instead of the one line naming the file).
+torch's multi-line advice instead of the one line naming the file); ``features.readable_checkpoint`` not
+asking ``checkpoint.refusal`` (its --teacher and --flyt_checkpoint lines say only "not a readable checkpoint").
 """
 
 from __future__ import annotations
@@ -57,6 +58,10 @@ def _commands(root: Path) -> dict[str, list[str]]:
         "train --reference_pretrained": [*train, "--reference_pretrained", evil, "--output_dir", str(root / "r1")],
         "train --scoring_pretrained": [*train, "--scoring_pretrained", evil, "--output_dir", str(root / "r2")],
         "train --resume latest": [*train, "--output_dir", str(root / "run"), "--exp_name", "exp", "--resume", "latest"],
+        "features --teacher": ["features", "--upstream_data_dir", pool, "--output", str(root / "out_f1"),
+                               "--teacher", f"a=flyt-tiny:{evil}", "--scores", "clip_score"],
+        "features --flyt_checkpoint": ["features", "--upstream_data_dir", pool, "--output", str(root / "out_f2"),
+                                       "--flyt_checkpoint", evil, "--scores", "flyt"],
     }
 
 

@@ -105,6 +105,11 @@ def readable_checkpoint(path: str, flag: str) -> None:
                 raise
             torch.load(path, map_location="cpu", weights_only=True)  # an old, non-zip file
     except Exception as exc:
+        from flyt.models.checkpoint import refusal
+
+        refused = refusal(f"{flag} {path}", exc)
+        if refused:
+            raise refused from None
         raise FlytError(f"{flag} {path} is not a readable checkpoint ({type(exc).__name__}: "
                         f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from None
 
