@@ -22,8 +22,10 @@ from flyt.train.preemption import EXIT_CODE
 from train_runs import assert_same_run, command, logged_steps, run, start, train_args, wait_for
 
 SIGNAL_AFTER = 4  # the first step of epoch 2: the stop comes after step 4 or 5, both in mid-epoch
-# the run, with the pre-emption checkpoint's write held open for a second (data written, not yet renamed)
-SLOW_WRITE = ("import sys, time, torch; save = torch.save; torch.save = lambda obj, f, *a, **k: (save(obj, f, *a, **k), "
+# the run, with the pre-emption checkpoint's write held open for a second (data written, not yet renamed),
+# and SIGINT raising KeyboardInterrupt as in a terminal (a test runner started in the background ignores it)
+SLOW_WRITE = ("import signal, sys, time, torch; signal.signal(signal.SIGINT, signal.default_int_handler); "
+              "save = torch.save; torch.save = lambda obj, f, *a, **k: (save(obj, f, *a, **k), "
               "time.sleep(1 if 'preempted' in str(f) else 0))[0]; from flyt.train_flyt import main; sys.exit(main())")
 
 
@@ -122,8 +124,8 @@ def _rank_pid(launcher: int, rank: int) -> int:
 def test_torchrun_ranks_stop_at_the_same_step_when_one_gets_sigterm(train_runs, tmp_path):
     """Two ranks (gloo), SIGTERM to rank 1 alone: rank 0 stops at the same step, writes the checkpoint and
     names the other rank; torchrun resumes to the checkpoints of an uninterrupted two-rank run. Mutation
-    caught: the stop flag not all-reduced (rank 0 goes on alone into a collective rank 1 left: no
-    ``preempted.pt``, the job fails)."""
+    caught: the stop flag not all-reduced (rank 1 stops, rank 0 goes on: the ranks' collectives no
+    longer match and the job hangs until the test's 120 s timeout)."""
     data, out, _ = train_runs
     port = lambda: ["--master_port", str(_free_port())]
     torchrun = lambda: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *port(),
@@ -150,3 +152,24 @@ def test_torchrun_ranks_stop_at_the_same_step_when_one_gets_sigterm(train_runs, 
     assert done.returncode == 0, done.stderr[-2000:]
     assert_same_run(tmp_path / "uninterrupted", out / "run")
     shutil.rmtree(out / "run")
+
+
+def test_resume_point_takes_the_newest_complete_checkpoint(tmp_path):
+    """Which files ``--resume latest`` takes, on stub payloads. Mutations caught: no epoch check on the
+    reference (a kill between ``save``'s renames pairs epoch 1's scorer with epoch 2's reference),
+    ``preempted.pt`` preferred whenever present instead of the newer by step (a stale one wins)."""
+    from flyt.errors import FlytError
+    from flyt.models import checkpoint
+
+    scoring = lambda epoch, step: {"epoch": epoch, "flyt": {"step": step}}
+    for name, payload in (("scoring_epoch_latest.pt", scoring(1, 3)), ("epoch_latest.pt", {"epoch": 2}),
+                          ("epoch_1.pt", {"epoch": 1}), ("preempted.pt", {"scoring": scoring(0, 2), "reference": {}})):
+        torch.save(payload, tmp_path / name)
+    path, found, reference = checkpoint.resume_point(tmp_path, "latest")
+    assert (path.name, found["flyt"]["step"], reference) == ("scoring_epoch_latest.pt", 3, {"epoch": 1})
+    torch.save({"scoring": scoring(1, 5), "reference": {"epoch": 1}}, tmp_path / "preempted.pt")
+    path, found, reference = checkpoint.resume_point(tmp_path, "latest")
+    assert (path.name, found["flyt"]["step"]) == ("preempted.pt", 5)
+    (tmp_path / "epoch_1.pt").unlink()
+    with pytest.raises(FlytError, match=r"scoring_epoch_latest.pt \(epoch 1\) has no reference checkpoint"):
+        checkpoint.resume_point(tmp_path, "latest")
