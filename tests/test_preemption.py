@@ -170,6 +170,7 @@ def test_resume_point_takes_the_newest_complete_checkpoint(tmp_path):
     torch.save({"scoring": scoring(1, 5), "reference": {"epoch": 1}}, tmp_path / "preempted.pt")
     path, found, reference = checkpoint.resume_point(tmp_path, "latest")
     assert (path.name, found["flyt"]["step"]) == ("preempted.pt", 5)
+    assert checkpoint.resume_point(tmp_path, str(tmp_path / "preempted.pt"))[1:] == (scoring(1, 5), {"epoch": 1})
     (tmp_path / "epoch_1.pt").unlink()
     with pytest.raises(FlytError, match=r"scoring_epoch_latest.pt \(epoch 1\) has no reference checkpoint"):
         checkpoint.resume_point(tmp_path, "latest")
