@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import pytest
 import torch
 
 from flyt.train.preemption import EXIT_CODE
-from train_runs import assert_same_run, command, logged_steps, run, start, train_args, wait_for
+from train_runs import assert_same_run, command, free_port, logged_steps, run, start, train_args, wait_for
 
 SIGNAL_AFTER = 4  # the first step of epoch 2: the stop comes after step 4 or 5, both in mid-epoch
 # the run, with the pre-emption checkpoint's write held open for a second (data written, not yet renamed),
@@ -102,12 +101,6 @@ def test_sigterm_and_sigint_during_the_checkpoint_write_change_nothing(train_run
     _stop_then_resume(train_runs, "mflyt", cmd, tmp_path / "stopped.log", during_write=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_pid(launcher: int, rank: int) -> int:
     """The pid of torchrun's child process of the given RANK."""
     for proc in Path("/proc").iterdir():
@@ -127,7 +120,7 @@ def test_torchrun_ranks_stop_at_the_same_step_when_one_gets_sigterm(train_runs, 
     caught: the stop flag not all-reduced (rank 1 stops, rank 0 goes on: the ranks' collectives no
     longer match and the job hangs until the test's 120 s timeout)."""
     data, out, _ = train_runs
-    port = lambda: ["--master_port", str(_free_port())]
+    port = lambda: ["--master_port", str(free_port())]
     torchrun = lambda: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *port(),
                         "-m", "flyt.train_flyt", *train_args(data, out, "mflyt")]
     shutil.rmtree(out / "run", ignore_errors=True)

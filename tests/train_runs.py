@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -59,6 +60,13 @@ def uninterrupted(data: Path, out: Path, mode: str, keep: Path) -> Path:
         assert done.returncode == 0, done.stderr[-2000:]
         (out / "run").rename(keep)
     return keep
+
+
+def free_port() -> int:
+    """A free TCP port for torchrun's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def logged_steps(metrics: Path) -> list[int]:
