@@ -20,10 +20,11 @@ KILL_AT = 4  # the first step of epoch 2 is logged: epoch 1's checkpoint exists,
 
 @pytest.mark.parametrize("mode", ["flyt", "mflyt"])
 def test_sigkill_in_mid_epoch_then_resume_equals_uninterrupted(train_runs, tmp_path, mode):
-    """Mutations of ``Trainer.maybe_resume`` / ``MetricsLog`` caught, each failing here: not restoring the RNG
-    state (only the saved ``flyt/rng`` differs), the scoring optimizer, the reference's AdamW step count or
-    the temperature; keeping the killed run's lines past its checkpoint (step 4 logged twice); ignoring
-    ``--resume`` altogether (epoch 1's files rewritten). Not covered on CPU: the loss scale is static in fp32.
+    """Mutations of ``Trainer.maybe_resume`` / ``MetricsLog`` caught, each failing here: not restoring the
+    scoring optimizer, the reference's AdamW step count or the temperature; keeping the killed run's lines
+    past its checkpoint (step 4 logged twice); ignoring ``--resume`` altogether (epoch 1's files rewritten).
+    Not covered: the loss scale (static in fp32 on CPU), and not restoring the RNG state, which nothing
+    draws from during training since the data loader has its own generator (verified: the test passes).
     """
     data, out, uninterrupted = train_runs
     expected = uninterrupted(mode)
