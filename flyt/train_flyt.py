@@ -14,7 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """One process, or one rank of ``torchrun`` (gloo on CPU, NCCL on GPU): the same mathematics."""
+    """One process, or one rank of ``torchrun`` (gloo on CPU, NCCL on GPU): the same mathematics. SIGTERM:
+    a checkpoint of the step in flight, then exit code 75 (``flyt.train.preemption``)."""
     from flyt.config import TrainConfig, config_from_args
 
     cfg = config_from_args(TrainConfig, args)  # every flag checked before torch and OpenCLIP load (seconds)
@@ -22,17 +23,21 @@ def run(args: argparse.Namespace) -> int:
 
     from flyt.train.distributed import DistComm, init_process_group, world_from_env
     from flyt.train.loop import Trainer
+    from flyt.train.preemption import EXIT_CODE, Preempted
 
     rank, world_size, _ = world_from_env()
-    if world_size == 1:
-        summary = Trainer(cfg).fit()
-    else:
-        device_type = (cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")).split(":")[0]
-        init_process_group(device_type)
-        try:
-            summary = Trainer(cfg, DistComm()).fit()
-        finally:
-            torch.distributed.destroy_process_group()
+    try:
+        if world_size == 1:
+            summary = Trainer(cfg).fit(stop_on_sigterm=True)
+        else:
+            device_type = (cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")).split(":")[0]
+            init_process_group(device_type)
+            try:
+                summary = Trainer(cfg, DistComm()).fit(stop_on_sigterm=True)
+            finally:
+                torch.distributed.destroy_process_group()
+    except Preempted:  # the checkpoint is written and the log says how to resume
+        return EXIT_CODE
     if rank == 0:
         print("flyt train: done " + json.dumps(summary))
     return 0

@@ -28,3 +28,14 @@ def random_tokens(tokenizer, n: int, generator: torch.Generator) -> torch.Tensor
     words = ["cat", "dog", "red", "blue", "car", "tree", "house", "bird", "one", "two", "three"]
     idx = torch.randint(len(words), (n, 3), generator=generator)
     return tokenizer([" ".join(words[j] for j in row) for row in idx.tolist()])
+
+
+@pytest.fixture(scope="session")
+def train_runs(tmp_path_factory):
+    """(data, out, uninterrupted(mode)) for the subprocess runs of ``train_runs``: one data set and one
+    uninterrupted run per mode for every crash and pre-emption test."""
+    import train_runs
+
+    root = tmp_path_factory.mktemp("train_runs")
+    data, out = train_runs.write_data(root), root / "out"
+    return data, out, lambda mode: train_runs.uninterrupted(data, out, mode, root / f"uninterrupted-{mode}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -15,12 +14,7 @@ from flyt.method.comm import LocalComm
 from flyt.streams.train import class_slice
 
 from test_bilevel import LR, _setup
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from train_runs import free_port as _free_port
 
 
 # (scorer, downstream loss, downstream temperature, accum_freq): all run in one launch of two processes

@@ -3,12 +3,15 @@
 ``OUTPUT_DIR/EXP_NAME/checkpoints/`` holds ``scoring_epoch_<n>.pt`` / ``scoring_epoch_latest.pt`` (keys
 ``epoch``, ``name``, ``state_dict``, ``optimizer`` as in the original, plus ``flyt``: what rebuilding and
 resuming need) and ``epoch_<n>.pt`` / ``epoch_latest.pt`` for the reference model (OpenCLIP's layout, so
-``open_clip.create_model(name, pretrained=path)`` loads it). Files are written atomically and read with
-``weights_only=True``: nothing in them is code.
+``open_clip.create_model(name, pretrained=path)`` loads it). A run stopped by SIGTERM in mid-epoch leaves
+``preempted.pt`` (``scoring`` and ``reference``: the two payloads of that step in one file) until the next
+epoch's pair supersedes it. Files are written atomically and read with ``weights_only=True``: nothing in
+them is code.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -21,15 +24,26 @@ from flyt.models.networks import ScorerSpec, build_scorer
 SCORING = "scoring_epoch_{}.pt"
 REFERENCE = "epoch_{}.pt"
 BEST = "scoring_best.pt"
+PREEMPTED = "preempted.pt"
 
 
 def save(ckpt_dir: Path, epoch: int, scoring: dict, reference: dict, numbered: bool) -> None:
-    """Write the latest pair (and the numbered pair) atomically; scoring last, since resume reads it first."""
+    """Write the latest pair (and the numbered pair): every file in full first, then the renames back to
+    back, scoring last, so a kill leaves at most a newer reference beside the older scoring file (which
+    ``resume_point`` detects). The pair supersedes a pre-emption checkpoint, which goes."""
     names = ["latest"] + ([str(epoch)] if numbered else [])
-    for pattern, payload in ((REFERENCE, reference), (SCORING, scoring)):
-        for name in names:
-            with atomic_path(ckpt_dir / pattern.format(name)) as tmp:
-                torch.save(payload, tmp)
+    with contextlib.ExitStack() as renames:  # exits in reverse: the reference files are renamed first
+        for pattern, payload in ((SCORING, scoring), (REFERENCE, reference)):
+            for name in names:
+                torch.save(payload, renames.enter_context(atomic_path(ckpt_dir / pattern.format(name))))
+    (ckpt_dir / PREEMPTED).unlink(missing_ok=True)
+
+
+def save_preempted(ckpt_dir: Path, scoring: dict, reference: dict) -> Path:
+    """``preempted.pt``: both payloads of a step in mid-epoch, one atomic file."""
+    with atomic_path(ckpt_dir / PREEMPTED) as tmp:
+        torch.save({"scoring": scoring, "reference": reference}, tmp)
+    return ckpt_dir / PREEMPTED
 
 
 def save_best(ckpt_dir: Path, scoring: dict) -> Path:
@@ -72,19 +86,29 @@ def refusal(path, exc: BaseException) -> FlytError | None:
                      "checkpoints with torch.load(weights_only=True) only")
 
 
-def resume_paths(ckpt_dir: Path, resume: str) -> tuple[Path, Path] | None:
-    """(scoring, reference) files to resume from; None when ``latest`` finds nothing yet."""
-    if resume == "latest":
-        scoring = ckpt_dir / SCORING.format("latest")
-        if not scoring.exists():
-            return None
-    else:
-        scoring = Path(resume)
-    epoch = load(scoring)["epoch"]
-    reference = scoring.parent / REFERENCE.format(epoch if resume != "latest" else "latest")
-    if not reference.exists():
-        raise FlytError(f"{scoring} has no reference checkpoint beside it ({reference.name})")
-    return scoring, reference
+def resume_point(ckpt_dir: Path, resume: str) -> tuple[Path, dict, dict] | None:
+    """(file, scoring payload, reference payload) to resume from; None when ``latest`` finds nothing yet.
+    ``latest`` takes the newer (by step) of the latest epoch pair and ``preempted.pt``."""
+    if resume != "latest":
+        return _point(Path(resume), reference_name=None)
+    candidates = [_point(ckpt_dir / name, "latest") for name in (SCORING.format("latest"), PREEMPTED)
+                  if (ckpt_dir / name).exists()]
+    return max(candidates, key=lambda c: c[1]["flyt"]["step"], default=None)
+
+
+def _point(path: Path, reference_name: str | None) -> tuple[Path, dict, dict]:
+    ckpt = load(path)
+    if "scoring" in ckpt and "reference" in ckpt:  # a pre-emption checkpoint
+        return path, ckpt["scoring"], ckpt["reference"]
+    if "flyt" not in ckpt:
+        raise FlytError(f"--resume {path}: not a scoring checkpoint written by flyt train (no 'flyt' key)")
+    epoch = ckpt["epoch"]
+    for name in dict.fromkeys([reference_name or str(epoch), str(epoch)]):
+        reference = path.parent / REFERENCE.format(name)
+        if reference.exists() and (payload := load(reference))["epoch"] == epoch:
+            return path, ckpt, payload  # a kill between the renames of save() leaves a newer epoch_latest.pt
+    raise FlytError(f"{path} (epoch {epoch}) has no reference checkpoint of its epoch beside it "
+                    f"({REFERENCE.format(reference_name or epoch)})")
 
 
 def infer_spec(state_dict: dict, model: str | None, fields: list[str] | None) -> ScorerSpec:

@@ -23,6 +23,7 @@ from flyt.data.shards import parse_sources, parse_weights
 from flyt.streams.train import StreamConfig, TrainStream
 from flyt.data.tasks import parse_task_names
 from flyt.train.diagnostics import Probe, batch_diagnostics
+from flyt.train.preemption import EXIT_CODE, Preempted, StopSignal, ignore_sigterm
 from flyt.errors import FlytError
 from flyt.models.networks import ScorerSpec, build_scorer, create_clip, image_dtype, restrict_trainable
 from flyt.method.optim import AdamWConfig, AdamWState, cosine_lr, decays
@@ -56,9 +57,9 @@ class LossScale:
                 self.scale *= 2
 
 
-def _steps_in_epoch(cfg: TrainConfig, epoch: int) -> int:
-    edge = lambda e: round(cfg.n_iterations * e / cfg.num_checkpoints)
-    return edge(epoch + 1) - edge(epoch)
+def _epoch_start(cfg: TrainConfig, epoch: int) -> int:
+    """The number of steps before ``epoch`` (epochs split ``n_iterations`` as evenly as rounding allows)."""
+    return round(cfg.n_iterations * epoch / cfg.num_checkpoints)
 
 
 def _per_rank(total: int, comm, accum: int, flag: str) -> int:
@@ -132,6 +133,7 @@ class Trainer:
         self.step, self.epoch = 0, 0
         self.skipped_steps = 0
         self.skipped_in_a_row = 0  # steps since the last finite one; past MAX_SKIPPED_IN_A_ROW the run stops
+        self.signals = StopSignal(stop_on_sigterm=False)
         self.probe: Probe | None = None
         self.bilevel = BilevelConfig(adamw, "clip" if cfg.downstream_clip_loss else "zeroshot",
                                      cfg.update_reference_model, cfg.accum_freq, precision=cfg.precision)
@@ -153,20 +155,21 @@ class Trainer:
     def save(self) -> None:
         if self.comm.rank == 0:
             numbered = self.epoch % self.cfg.save_frequency == 0 or self.epoch == self.cfg.num_checkpoints
-            checkpoint.save(self.ckpt_dir, self.epoch, *self._payloads(), numbered)
+            with self.signals.deferred():
+                checkpoint.save(self.ckpt_dir, self.epoch, *self._payloads(), numbered)
 
     def maybe_resume(self) -> bool:
         if not self.cfg.resume:
             return False
-        paths = checkpoint.resume_paths(self.ckpt_dir, self.cfg.resume)
-        if paths is None:
+        point = checkpoint.resume_point(self.ckpt_dir, self.cfg.resume)
+        if point is None:
             return False
-        scoring, reference = (checkpoint.load(p) for p in paths)
+        path, scoring, reference = point
         self.scorer.load_state_dict(scoring["state_dict"])
         self.scoring_opt.load_state_dict(scoring["optimizer"])
         saved = scoring["flyt"].get("dls_optimizer")
         if (saved is None) != (self.dls_opt is None):
-            raise FlytError(f"--resume {paths[0]}: written with other --downstream_logit_scale(_optimizer) flags; "
+            raise FlytError(f"--resume {path}: written with other --downstream_logit_scale(_optimizer) flags; "
                             "resume with the run's own flags")
         if self.dls_opt is not None:
             self.dls_opt.load_state_dict(saved)
@@ -284,30 +287,48 @@ class Trainer:
         return metrics
 
     # ---- the loop ----------------------------------------------------------------------------------
-    def fit(self) -> dict:
+    def fit(self, stop_on_sigterm: bool = False) -> dict:
+        """Train to the end; with ``stop_on_sigterm``, a SIGTERM ends the run after the step in flight with
+        a checkpoint of it and ``Preempted`` (``flyt train`` exits with ``EXIT_CODE``)."""
         cfg = self.cfg
-        resumed = self.maybe_resume()
-        if self.probe is None:  # scored now, by the starting scorer
-            self.probe = Probe(self._probe_batch())
-            self.probe.drift(self.comm.gather(self.probe.scores(self._scores)).cpu())
-        logger = MetricsLog(self.run_dir, cfg, self.step, enabled=self.comm.rank == 0, resumed=resumed)
-        start = time.time()
-        with progress.bar(total=cfg.n_iterations, initial=self.step, desc=f"flyt train ({cfg.mode})", unit="step",
-                          disable=self.comm.rank != 0) as bar:
-            last = self._epochs(bar, logger)
-        logger.close()
+        self.signals = StopSignal(stop_on_sigterm)
+        with self.signals:
+            resumed = self.maybe_resume()
+            if self.probe is None:  # scored now, by the starting scorer
+                self.probe = Probe(self._probe_batch())
+                self.probe.drift(self.comm.gather(self.probe.scores(self._scores)).cpu())
+            logger = MetricsLog(self.run_dir, cfg, self.step, enabled=self.comm.rank == 0, resumed=resumed)
+            start = time.time()
+            try:
+                with progress.bar(total=cfg.n_iterations, initial=self.step, desc=f"flyt train ({cfg.mode})",
+                                  unit="step", disable=self.comm.rank != 0) as bar:
+                    last = self._epochs(bar, logger)
+            finally:
+                logger.close()
         return {"run_dir": str(self.run_dir), "steps": self.step, "seconds": round(time.time() - start, 1),
                 "skipped_steps": self.skipped_steps, "skipped_samples": last.get("skipped_samples", 0),
                 "final": {k: v for k, v in last.items() if "loss" in k or k.startswith("mixer/")},
                 **({"val_best": self.validation.state()} if self.validation else {})}
 
     def _epochs(self, bar, logger) -> dict:
-        cfg, last, skipped_samples = self.cfg, {}, {}
+        cfg, last = self.cfg, {}
         while self.epoch < cfg.num_checkpoints:
+            skipped_samples = {}  # worker -> its stream's counts so far: each epoch's streams count afresh
+            # the loader's own generator: drawing its base seed must not move the run's RNG, which a
+            # checkpoint in mid-epoch saves and a resumed run (drawing it again) restores
             loader = torch.utils.data.DataLoader(TrainStream(self.stream_cfg, self.epoch, self.preprocess, self.tokenizer),
-                                                 batch_size=None, num_workers=cfg.workers)
+                                                 batch_size=None, num_workers=cfg.workers,
+                                                 generator=torch.Generator(), worker_init_fn=ignore_sigterm)
             batches = iter(loader)
-            for _ in range(_steps_in_epoch(cfg, self.epoch)):
+            start, end = _epoch_start(cfg, self.epoch), _epoch_start(cfg, self.epoch + 1)
+            # resumed in mid-epoch: replay the seeded stream to its position. Its steps are decoded and
+            # dropped, not skipped unread: which samples fail to decode, and the crops' random draws
+            # (which depend on each image's size), are only known by decoding
+            for _ in range(self.step - start):
+                bundle = next(batches)
+                skipped_samples[bundle["worker"]] = bundle["skipped"]
+            stop = False
+            while self.step < end and not stop:
                 tick = time.time()
                 bundle = next(batches)
                 skipped_samples[bundle["worker"]] = bundle["skipped"]
@@ -319,10 +340,35 @@ class Trainer:
                     logger.log(last)
                 if self.validation and self.validation.due(self.step, cfg.n_iterations):
                     logger.log(self._validate(bundle))
+                stop = self.step < cfg.n_iterations and self._stop_requested()
             del batches, loader
-            self.epoch += 1
-            self.save()
+            if self.step == end:
+                self.epoch += 1
+                self.save()
+            if stop:
+                self._preempted(end)
         return last
+
+    def _stop_requested(self) -> bool:
+        """Whether any rank got SIGTERM: asked by every rank after every step, so all stop at the same one."""
+        flag = torch.tensor([float(self.signals.received is not None)], device=self.device)
+        self.comm.all_reduce_sum([flag])
+        return bool(flag.item())
+
+    def _preempted(self, epoch_end: int) -> None:
+        """Save the step (in mid-epoch; at an epoch's end its pair is already written), say so, stop."""
+        tick, cfg = time.time(), self.cfg
+        if self.comm.rank == 0:
+            if self.step < epoch_end:
+                with self.signals.deferred():
+                    written = checkpoint.save_preempted(self.ckpt_dir, *self._payloads())
+            else:
+                written = self.ckpt_dir / checkpoint.SCORING.format("latest")
+            progress.write(f"flyt train: {self.signals.received or 'a stop signal on another rank'} after step "
+                           f"{self.step} of {cfg.n_iterations}: {written} written in {time.time() - tick:.1f} s; "
+                           f"rerun with --resume latest to continue (exit code {EXIT_CODE})")
+        self.comm.all_reduce_sum([torch.zeros(1, device=self.device)])  # no rank leaves before the file exists
+        raise Preempted(f"stopped after step {self.step}")
 
 
 class MetricsLog:
