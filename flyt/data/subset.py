@@ -171,3 +171,38 @@ def _check_dtype(arr: np.ndarray, name) -> np.ndarray:
         got = arr.dtype if isinstance(arr, np.ndarray) else type(arr).__name__
         raise FlytError(f"{name}: expected dtype u8,u8 (DataComp uids), got {got}")
     return arr
+
+
+class SubsetWriter:
+    """A DataComp subset written in sorted blocks (each after the previous one), never held whole:
+    ``with SubsetWriter(path, rows) as out: out.write(uids, counts)``. The row count is fixed up front
+    (it is in the .npy header) and checked at the end; the file appears only once complete."""
+
+    def __init__(self, path: str | os.PathLike, rows: int):
+        self.path, self.rows, self.written = path, int(rows), 0
+
+    def __enter__(self) -> "SubsetWriter":
+        self._atomic = atomic_path(self.path)
+        self._handle = open(self._atomic.__enter__(), "wb")
+        header = np.lib.format.header_data_from_array_1_0(np.empty(0, dtype=UID_DTYPE))
+        header["shape"] = (self.rows,)
+        np.lib.format.write_array_header_1_0(self._handle, header)
+        return self
+
+    def write(self, uids: np.ndarray, counts: np.ndarray) -> None:
+        """The next uids (sorted, after every earlier one), each repeated ``counts`` times."""
+        packed = np.empty(len(uids), dtype=UID_DTYPE)
+        packed["f0"], packed["f1"] = uids["f0"], uids["f1"]
+        rows = np.repeat(packed, counts)
+        self._handle.write(rows.tobytes())
+        self.written += len(rows)
+
+    def __exit__(self, kind, error, trace) -> bool:
+        self._handle.close()
+        if kind is None and self.written != self.rows:
+            error = FlytError(f"{self.path}: {self.written} subset rows written, {self.rows} announced")
+            kind, trace = FlytError, None
+        self._atomic.__exit__(kind, error, trace)
+        if kind is FlytError and error is not None and trace is None:
+            raise error
+        return False
