@@ -2,9 +2,9 @@
 
 A run is a ``.npy`` file of a structured array with ``f0, f1`` (a uid's two halves) and maybe more
 fields, sorted by uid, written atomically. ``merge_runs`` reads every run a block at a time and yields
-the union in uid order, one sorted chunk per round: each round takes, from every run, the rows up to the
-smallest last uid among the blocks still being read, so rows with equal uids always meet in one chunk
-(a repeat is seen) and memory is bounded by runs x block rows.
+the union in uid order, one sorted chunk per round: each round takes, from every run, the rows before
+the smallest last uid among the blocks still being read, so rows with equal uids always meet in one
+chunk (a repeat is seen) and memory is bounded by runs x block rows.
 """
 
 from __future__ import annotations
@@ -59,11 +59,14 @@ def merge_runs(paths: list[Path], block_rows: int) -> Iterator[tuple[np.ndarray,
     buffers = [reader.read(block_rows) for reader in readers]
     try:
         while any(len(buffer) for buffer in buffers):
-            open_ends = [buffer[-1] for buffer, reader in zip(buffers, readers) if reader.left and len(buffer)]
+            for i, reader in enumerate(readers):  # a block of one repeated uid: read on, so the repeat is seen whole
+                while reader.left and len(buffers[i]) and _same(buffers[i][0], buffers[i][-1]):
+                    buffers[i] = np.concatenate([buffers[i], reader.read(block_rows)])
+            open_ends = [buffer[-1] for buffer, reader in zip(buffers, readers) if reader.left]
             frontier = min(open_ends, key=lambda row: (int(row["f0"]), int(row["f1"]))) if open_ends else None
             pieces, sources = [], []
             for i, buffer in enumerate(buffers):
-                take = len(buffer) if frontier is None else _rows_up_to(buffer, frontier)
+                take = len(buffer) if frontier is None else _rows_below(buffer, frontier)
                 pieces.append(buffer[:take])
                 sources.append(np.full(take, i, dtype=np.int32))
                 rest = buffer[take:]
@@ -79,7 +82,11 @@ def merge_runs(paths: list[Path], block_rows: int) -> Iterator[tuple[np.ndarray,
                 reader.handle.close()
 
 
-def _rows_up_to(sorted_rows: np.ndarray, last) -> int:
-    """How many leading rows of a uid-sorted block are at or below the uid ``last``."""
+def _same(a, b) -> bool:
+    return a["f0"] == b["f0"] and a["f1"] == b["f1"]
+
+
+def _rows_below(sorted_rows: np.ndarray, frontier) -> int:
+    """How many leading rows of a uid-sorted block come before the uid ``frontier``."""
     f0, f1 = sorted_rows["f0"], sorted_rows["f1"]
-    return int(np.count_nonzero((f0 < last["f0"]) | ((f0 == last["f0"]) & (f1 <= last["f1"]))))
+    return int(np.count_nonzero((f0 < frontier["f0"]) | ((f0 == frontier["f0"]) & (f1 < frontier["f1"]))))
