@@ -328,7 +328,8 @@ def test_scs_writes_subset_counts_summary_and_plot(tmp_path, pool, capsys):
     assert summary["total_drawn"] == 1000 and summary["pool_size"] == N
     assert summary["params"]["repetition_penalty"] == 0.15
     assert sum(summary["count_histogram"].values()) == summary["unique"] == len(set(uids))
-    assert (tmp_path / "out" / "subset.png").read_bytes()[:4] == b"\x89PNG"
+    plot = (tmp_path / "out" / "subset.svg").read_text()
+    assert plot.startswith("<svg") and plot.count("<polyline") == 3 and "score percentile in the pool" in plot
     assert "1,000 drawn" in capsys.readouterr().out
 
 

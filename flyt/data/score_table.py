@@ -8,6 +8,7 @@ mixing uid- and key-joined files, malformed or repeated uids, non-finite scores,
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Iterator
@@ -79,14 +80,20 @@ def _checked(file: str, uid_column, score_column, first_row: int) -> tuple[np.nd
         uids = uids_to_array(uid_column)
     except FlytError as exc:
         raise FlytError(f"--scores {file}: {exc}" + (f" (batch from row {first_row})" if first_row else "")) from None
-    scores = score_column.cast(pa.float64()).to_numpy(zero_copy_only=False)
-    if score_column.null_count:
-        scores = np.where(score_column.is_null().to_numpy(zero_copy_only=False), np.nan, scores)
+    scores = _floats(score_column)
     bad = np.flatnonzero(~np.isfinite(scores))
     if bad.size:
         example = array_to_uids(uids[bad[:1]])[0].as_py()
         raise FlytError(f"--scores {file}: {bad.size} scores are NaN, infinite or missing, e.g. uid {example}")
     return uids, scores
+
+
+def _floats(column: pa.Array) -> np.ndarray:
+    """float64 values, NaN where missing, read from the Arrow buffer (``to_numpy`` would import pandas)."""
+    column = column.cast(pa.float64())
+    if column.null_count:
+        column = column.fill_null(math.nan)
+    return np.frombuffer(column.buffers()[1], dtype=np.float64)[column.offset : column.offset + len(column)]
 
 
 def read_scores(path: str, column: str) -> tuple[np.ndarray, np.ndarray]:
@@ -106,8 +113,9 @@ def read_scores(path: str, column: str) -> tuple[np.ndarray, np.ndarray]:
     return uids, scores
 
 
-def repeated_uid(path: str, uid, times: int, first: str, second: str) -> FlytError:
+def repeated_uid(path: str, uid, times: int | None, first: str, second: str) -> FlytError:
     """The error for a uid found twice: the two files holding it (one file when it repeats in one)."""
     where = f"twice in {first}" if first == second else f"in both {first} and {second}"
     name = array_to_uids(np.array([uid], dtype=uid.dtype))[0].as_py()
-    return FlytError(f"--scores {path}: uid {name} appears more than once ({times} repeated rows), {where}")
+    repeats = f" ({times} repeated rows)" if times else ""
+    return FlytError(f"--scores {path}: uid {name} appears more than once{repeats}, {where}")

@@ -72,15 +72,15 @@ def _uid_chars(uids: pa.Array, first_row: int) -> np.ndarray:
     if uids.null_count:
         row = first_row + int(np.flatnonzero(uids.is_null().to_numpy(zero_copy_only=False))[0])
         raise FlytError(f"uid at row {row} is missing (null); {_EXPECTED}")
-    lengths = pc.binary_length(uids).to_numpy()
+    offset_dtype = np.int64 if pa.types.is_large_string(uids.type) else np.int32
+    offsets = np.frombuffer(uids.buffers()[1], dtype=offset_dtype)[uids.offset : uids.offset + n + 1]
+    lengths = np.diff(offsets)  # from the offsets buffer: no compute kernel, no pandas import behind to_numpy
     bad = np.flatnonzero(lengths != UID_LENGTH)
     if bad.size:
         i = int(bad[0])
         raise FlytError(
             f"malformed uid at row {first_row + i}: {uids[i].as_py()!r} is {lengths[i]} bytes long; {_EXPECTED}"
         )
-    offset_dtype = np.int64 if pa.types.is_large_string(uids.type) else np.int32
-    offsets = np.frombuffer(uids.buffers()[1], dtype=offset_dtype)[uids.offset : uids.offset + n + 1]
     data = np.frombuffer(uids.buffers()[2], dtype=np.uint8)
     start = int(offsets[0])  # every uid is 32 bytes, so the characters are one contiguous block
     return data[start : start + n * UID_LENGTH].reshape(n, UID_LENGTH)
@@ -96,6 +96,14 @@ def array_to_uids(arr: np.ndarray) -> pa.Array:
     chars = binascii.hexlify(words)
     offsets = np.arange(0, UID_LENGTH * (n + 1), UID_LENGTH, dtype=np.int64)
     return pa.Array.from_buffers(pa.large_string(), n, [None, pa.py_buffer(offsets), pa.py_buffer(chars)])
+
+
+def counts_table(uids: np.ndarray, counts: np.ndarray) -> pa.Table:
+    """The counts file's rows: uid (string) and count (int64), built from buffers (``pa.array`` on NumPy
+    input would import pandas, a second of start-up for ``flyt sample``)."""
+    counts = np.ascontiguousarray(counts, dtype=np.int64)
+    column = pa.Array.from_buffers(pa.int64(), len(counts), [None, pa.py_buffer(counts)])
+    return pa.Table.from_arrays([array_to_uids(uids), column], names=["uid", "count"])
 
 
 def sort_order(arr: np.ndarray) -> np.ndarray:

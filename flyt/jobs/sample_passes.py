@@ -19,6 +19,7 @@ import contextlib
 import json
 import math
 import shutil
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from flyt.atomic import atomic_path
 from flyt.data.runs import merge_runs, run_length, write_run
 from flyt.data.score_table import read_batches, repeated_uid
 from flyt.data.subset import UID_DTYPE as UID
-from flyt.data.subset import SubsetWriter, array_to_uids
+from flyt.data.subset import SubsetWriter, counts_table
 from flyt.errors import FlytError
 from flyt.runner.job import Job, Unit, run_job
 from flyt.select import race
@@ -175,6 +176,7 @@ class OutOfCore:
         self.spec = {"column": args.score_column, "method": args.method, "pool_size": int(sum(rows)),
                      "batch_rows": int(max(1 << 12, min(1 << 20, memory // (600 * workers))))}
         identity = {"files": files, "rows": rows, "spec": self.spec, "params": params, "seed": args.seed}
+        self.seconds: dict[str, float] = {}  # per pass and step, for the summary
         stamp = self.work / "run.json"
         if self.work.exists() and (not stamp.exists() or json.loads(stamp.read_text()) != identity):
             shutil.rmtree(self.work)  # work of another run (other files, flags or seed)
@@ -183,6 +185,7 @@ class OutOfCore:
 
     def _run(self, job: _Pass) -> dict:
         report = run_job(job, self.executor)
+        self.seconds[job.step] = round(self.seconds.get(job.step, 0.0) + report.seconds, 3)
         if report.failed:
             name, message = next(iter(sorted(report.failed.items())))
             raise FlytError(message if message.startswith("--scores") else f"--scores {self.files[int(name)]}: {message}")
@@ -213,6 +216,7 @@ class OutOfCore:
         done = self.work / "unique.ok"
         if done.exists():
             return
+        started = time.perf_counter()
         runs = [self.work / "scan" / f"{i:06d}.uids.npy" for i in range(len(self.files))]
         for rows, source in merge_runs(runs, self.block_rows(len(runs))):
             same = np.flatnonzero(rows[1:] == rows[:-1])
@@ -220,6 +224,7 @@ class OutOfCore:
                 first, second = sorted(source[same[0] : same[0] + 2])
                 raise repeated_uid(self.path, rows[same[0]], None, self.files[first], self.files[second])
         done.write_text("")
+        self.seconds["unique check"] = round(time.perf_counter() - started, 3)
 
     def block_rows(self, runs: int) -> int:
         return int(max(1 << 10, min(1 << 20, self.memory // (8 * DRAWN.itemsize * max(runs, 1)))))
@@ -296,6 +301,7 @@ class OutOfCore:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        started = time.perf_counter()
         runs = self.drawn_runs(outcome)
         rows = outcome["total"] if self.method != "threshold" else sum(run_length(path) for path in runs)
         figures = {"total_drawn": 0, "unique": 0, "max_count": 0, "count_histogram": Counter()}
@@ -313,12 +319,14 @@ class OutOfCore:
                 uids, counts = chunk[starts], np.add.reduceat(chunk["count"], starts)
                 subset.write(uids, counts)
                 if table is not None:
-                    table.write_table(pa.table({"uid": array_to_uids(_rows(UID, uids)), "count": counts}, schema))
+                    table.write_table(counts_table(_rows(UID, uids), counts).cast(schema))
                 figures["total_drawn"] += int(counts.sum())
                 figures["unique"] += len(counts)
                 figures["max_count"] = max(figures["max_count"], int(counts.max()))
                 figures["count_histogram"].update(count_histogram(counts))
         figures["count_histogram"] = {label: figures["count_histogram"][label] for label in count_histogram(np.ones(0))}
+        self.seconds["merge and write"] = round(time.perf_counter() - started, 3)
+        figures["seconds_by_step"] = dict(self.seconds)
         return figures
 
     def clean(self) -> None:
