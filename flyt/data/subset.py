@@ -202,7 +202,7 @@ class SubsetWriter:
         packed = np.empty(len(uids), dtype=UID_DTYPE)
         packed["f0"], packed["f1"] = uids["f0"], uids["f1"]
         rows = np.repeat(packed, counts)
-        self._handle.write(rows.tobytes())
+        self._handle.write(rows.data)
         self.written += len(rows)
 
     def __exit__(self, kind, error, trace) -> bool:

@@ -42,6 +42,8 @@ DRAWN = np.dtype([("f0", "<u8"), ("f1", "<u8"), ("count", "<i8")])
 IN_BIN = np.dtype([("key", "<f8"), ("f0", "<u8"), ("f1", "<u8")])
 SAMPLED = np.dtype([("f0", "<u8"), ("f1", "<u8"), ("score", "<f8"), ("count", "<i8")])
 _MARGIN = 1.25  # the histogram's range holds this many times the expected draws
+_MERGE_BYTES = 400  # peak bytes per row of a merge round (its copies, sort keys, uid strings, encoders)
+_WRITE_ROWS = 1 << 20  # uids written to the subset and counts file per slice
 
 
 class _Pass(Job):
@@ -227,7 +229,8 @@ class OutOfCore:
         self.seconds["unique check"] = round(time.perf_counter() - started, 3)
 
     def block_rows(self, runs: int) -> int:
-        return int(max(1 << 10, min(1 << 20, self.memory // (8 * DRAWN.itemsize * max(runs, 1)))))
+        """Rows read per run and round of a merge: a round's copies, sort and writes stay within the limit."""
+        return int(max(1 << 10, min(1 << 20, self.memory // (_MERGE_BYTES * max(runs, 1)))))
 
     def _plan(self, n: int, sample: np.ndarray, top: float, bottom: float) -> tuple[int, float | None]:
         """The number of keys to keep and the temperature, with the checks that need the pool size."""
@@ -317,9 +320,12 @@ class OutOfCore:
                 f0, f1 = chunk["f0"], chunk["f1"]
                 starts = np.flatnonzero(np.r_[True, (f0[1:] != f0[:-1]) | (f1[1:] != f1[:-1])])
                 uids, counts = chunk[starts], np.add.reduceat(chunk["count"], starts)
-                subset.write(uids, counts)
-                if table is not None:
-                    table.write_table(counts_table(_rows(UID, uids), counts).cast(schema))
+                del chunk, starts
+                for lo in range(0, len(uids), _WRITE_ROWS):  # the strings of the counts file, a slice at a time
+                    part_uids, part_counts = uids[lo : lo + _WRITE_ROWS], counts[lo : lo + _WRITE_ROWS]
+                    subset.write(part_uids, part_counts)
+                    if table is not None:
+                        table.write_table(counts_table(_rows(UID, part_uids), part_counts).cast(schema))
                 figures["total_drawn"] += int(counts.sum())
                 figures["unique"] += len(counts)
                 figures["max_count"] = max(figures["max_count"], int(counts.max()))
