@@ -275,7 +275,7 @@ def test_bad_score_files_are_refused_in_one_line(tmp_path, capsys, monkeypatch, 
     frame = make_pool(300)
     cases = {
         "mixed": (lambda f: f.drop(columns="uid"), r"mixes uid-joined files \(\S+a\.parquet\) and key-joined files"),
-        "twice": (lambda f: pd.concat([f, f.iloc[[3]]]), r"appears more than once .*twice in \S+b\.parquet"),
+        "twice": (lambda f: pd.concat([f, f.iloc[[3]]]), r"appears more than once.*, twice in \S+b\.parquet"),
         "nan": (lambda f: f.assign(score=f.score.where(f.index != 9)), r"\S+b\.parquet: 1 scores are NaN"),
     }
     for name, (edit, message) in cases.items():
