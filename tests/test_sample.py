@@ -23,11 +23,12 @@ import pyarrow.parquet as pq
 import pytest
 import scipy.stats
 
-import flyt.commands.sample
+import flyt.select.race
 from flyt.cli import main
 from flyt.errors import FlytError
-from flyt.commands.sample import batched_counts, race_counts
-from flyt.data.subset import array_to_uids, load_subset, save_subset, sort_order, uids_to_array
+from flyt.data.subset import UID_DTYPE, array_to_uids, load_subset, save_subset, sort_order, uids_to_array
+from flyt.select.race import race_counts
+from flyt.select.samplers import batched_counts
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,6 +36,20 @@ REPO = Path(__file__).resolve().parents[1]
 
 POOL = np.sort(np.random.default_rng(123).normal(0.0, 1.5, 50))  # sorted, so deciles are blocks of 5
 TOTAL, REPEATS, PENALTY, CAP = 200, 300, 0.15, 5
+
+
+def counting_uids(n):
+    """Uids 0, 1, 2, ...: neighbours differ in one low bit, the hardest case for a keyed generator."""
+    uids = np.zeros(n, dtype=UID_DTYPE)
+    uids["f1"] = np.arange(n, dtype=np.uint64)
+    return uids
+
+
+def race(logits, total, rng, penalty=0.0, cap=math.inf, temperature=1.0):
+    """The keyed race as the statistical checks call a sampler: a fresh seed from ``rng`` per sample,
+    the same uids every time."""
+    seed = int(rng.integers(0, 2**63))
+    return race_counts(logits, total, counting_uids(logits.size), seed, penalty, cap, temperature)
 
 
 def sequential_reference(logits, total, rng, penalty=0.0, cap=math.inf):
@@ -75,21 +90,21 @@ def hcs_reference():
 
 
 def test_scs_matches_sequential_process(scs_reference, monkeypatch):
-    assert max_z(decile_draws(race_counts, penalty=PENALTY), scs_reference) < 5
+    assert max_z(decile_draws(race, penalty=PENALTY), scs_reference) < 5
     assert max_z(decile_draws(batched_counts, batch=1, penalty=PENALTY), scs_reference) < 5  # batch 1 is exact
-    assert max_z(decile_draws(race_counts, penalty=2 * PENALTY), scs_reference) > 8  # the check can fail
+    assert max_z(decile_draws(race, penalty=2 * PENALTY), scs_reference) > 8  # the check can fail
     for block in (1, 7):  # rounds of one arrival per example (large pools) and mixed widths
-        monkeypatch.setattr(flyt.commands.sample, "_BLOCK", block)
-        assert max_z(decile_draws(race_counts, penalty=PENALTY), scs_reference) < 5
+        monkeypatch.setattr(flyt.select.race, "_BLOCK", block)
+        assert max_z(decile_draws(race, penalty=PENALTY), scs_reference) < 5
 
 
 def test_hcs_matches_sequential_process(hcs_reference, monkeypatch):
-    assert max_z(decile_draws(race_counts, cap=CAP), hcs_reference) < 5
+    assert max_z(decile_draws(race, cap=CAP), hcs_reference) < 5
     assert max_z(decile_draws(batched_counts, batch=1, cap=CAP), hcs_reference) < 5
-    assert max_z(decile_draws(race_counts, cap=CAP + 1), hcs_reference) > 8
+    assert max_z(decile_draws(race, cap=CAP + 1), hcs_reference) > 8
     for block in (1, 7):
-        monkeypatch.setattr(flyt.commands.sample, "_BLOCK", block)
-        assert max_z(decile_draws(race_counts, cap=CAP), hcs_reference) < 5
+        monkeypatch.setattr(flyt.select.race, "_BLOCK", block)
+        assert max_z(decile_draws(race, cap=CAP), hcs_reference) < 5
 
 
 # The whole joint distribution of a few examples' count vectors, enumerated exactly, against many samples.
@@ -148,9 +163,9 @@ def test_scs_joint_count_distribution_is_exact(monkeypatch):
     assert chi_square_p(count_samples(batched_counts, 6, seed=0, batch=1, penalty=0.7), exact) > 1e-3
     assert chi_square_p(count_samples(batched_counts, 6, seed=0, batch=2, penalty=0.7), exact) < 1e-9  # approximate
     for block in (64, 8):  # one round covers every draw; rounds of 2 to 8 arrivals per example
-        monkeypatch.setattr(flyt.commands.sample, "_BLOCK", block)
-        assert chi_square_p(count_samples(race_counts, 6, seed=block, penalty=0.7), exact) > 1e-3
-    assert chi_square_p(count_samples(race_counts, 6, seed=1, n=2000, penalty=0.5), exact) < 1e-9  # it can fail
+        monkeypatch.setattr(flyt.select.race, "_BLOCK", block)
+        assert chi_square_p(count_samples(race, 6, seed=block, penalty=0.7), exact) > 1e-3
+    assert chi_square_p(count_samples(race, 6, seed=1, n=2000, penalty=0.5), exact) < 1e-9  # it can fail
 
 
 def test_hcs_joint_count_distribution_is_exact(monkeypatch):
@@ -164,9 +179,9 @@ def test_hcs_joint_count_distribution_is_exact(monkeypatch):
     assert len(exact) == 16 and max(map(max, exact)) == 2
     assert chi_square_p(count_samples(batched_counts, 5, seed=0, batch=1, cap=2), exact) > 1e-3
     for block in (64, 8):
-        monkeypatch.setattr(flyt.commands.sample, "_BLOCK", block)
-        assert chi_square_p(count_samples(race_counts, 5, seed=block, cap=2), exact) > 1e-3
-    assert chi_square_p(count_samples(race_counts, 5, seed=1, n=2000, cap=3), exact) < 1e-9  # it can fail
+        monkeypatch.setattr(flyt.select.race, "_BLOCK", block)
+        assert chi_square_p(count_samples(race, 5, seed=block, cap=2), exact) > 1e-3
+    assert chi_square_p(count_samples(race, 5, seed=1, n=2000, cap=3), exact) < 1e-9  # it can fail
 
 
 @pytest.mark.parametrize(
@@ -185,7 +200,7 @@ def test_hcs_joint_count_distribution_is_exact(monkeypatch):
 )
 def test_total_is_exact_and_cap_is_respected(logits, total, penalty, cap):
     for counts in (
-        race_counts(logits, total, np.random.default_rng(0), penalty, cap),
+        race(logits, total, np.random.default_rng(0), penalty, cap),
         batched_counts(logits, total, np.random.default_rng(0), 37, penalty, cap),
     ):
         assert counts.sum() == total
@@ -198,19 +213,19 @@ def test_scores_too_wide_for_float64_are_refused():
     logits = np.zeros(2**17 + 1)
     logits[1] = -1500.0  # its first arrival lies beyond exp(700) time units, yet HCS at full capacity needs it
     with pytest.raises(FlytError, match="scores span 1500"):
-        race_counts(logits, logits.size, np.random.default_rng(0), 0.0, 1)
+        race(logits, logits.size, np.random.default_rng(0), 0.0, 1)
 
 
 def test_more_draws_than_the_cap_allows_are_refused():
     with pytest.raises(FlytError, match="cannot draw 31 from 10 examples capped at 3"):
-        race_counts(np.zeros(10), 31, np.random.default_rng(0), 0.0, 3)
+        race(np.zeros(10), 31, np.random.default_rng(0), 0.0, 3)
 
 
 def test_race_is_deterministic_given_seed():
-    logits = np.random.default_rng(1).normal(size=5000)
-    first = race_counts(logits, 20000, np.random.default_rng(7), 0.15)
-    assert np.array_equal(first, race_counts(logits, 20000, np.random.default_rng(7), 0.15))
-    assert not np.array_equal(first, race_counts(logits, 20000, np.random.default_rng(8), 0.15))
+    logits, uids = np.random.default_rng(1).normal(size=5000), counting_uids(5000)
+    first = race_counts(logits, 20000, uids, 7, 0.15)
+    assert np.array_equal(first, race_counts(logits, 20000, uids, 7, 0.15))
+    assert not np.array_equal(first, race_counts(logits, 20000, uids, 8, 0.15))
 
 
 # ------------------------------------------------------------------------------------ the subset format
@@ -313,7 +328,8 @@ def test_scs_writes_subset_counts_summary_and_plot(tmp_path, pool, capsys):
     assert summary["total_drawn"] == 1000 and summary["pool_size"] == N
     assert summary["params"]["repetition_penalty"] == 0.15
     assert sum(summary["count_histogram"].values()) == summary["unique"] == len(set(uids))
-    assert (tmp_path / "out" / "subset.png").read_bytes()[:4] == b"\x89PNG"
+    plot = (tmp_path / "out" / "subset.svg").read_text()
+    assert plot.startswith("<svg") and plot.count("<polyline") == 3 and "score percentile in the pool" in plot
     assert "1,000 drawn" in capsys.readouterr().out
 
 

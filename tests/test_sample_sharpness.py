@@ -17,10 +17,14 @@ import pytest
 
 from flyt.cli import main
 from flyt.errors import FlytError
-from flyt.commands.sample import batched_counts, race_counts
+from flyt.select.race import race_counts
+from flyt.select.samplers import batched_counts
+from flyt.data.subset import UID_DTYPE
 from flyt.select.sharpness import expected_unique_fraction, temperature_for_unique_fraction, unique_fraction_range
 
 N = 20_000
+UIDS = np.zeros(N, dtype=UID_DTYPE)
+UIDS["f1"] = np.arange(N, dtype=np.uint64)
 _rng = np.random.default_rng(11)
 DISTRIBUTIONS = {
     "narrow normal": _rng.normal(0.0, 0.3, N),
@@ -42,7 +46,7 @@ def test_unique_fraction_target_is_met_within_sampling_error(distribution, sampl
     logits, (penalty, cap, target) = DISTRIBUTIONS[distribution], SAMPLERS[sampler]
     temperature = temperature_for_unique_fraction(logits, N, target, penalty, cap)
     assert expected_unique_fraction(logits, N, temperature, penalty, cap) == pytest.approx(target, abs=1e-5)
-    counts = race_counts(logits, N, np.random.default_rng(0), penalty, cap, temperature)
+    counts = race_counts(logits, N, UIDS, 0, penalty, cap, temperature)
     assert counts.sum() == N
     assert abs(np.count_nonzero(counts) / N - target) < 4 * math.sqrt(target * (1 - target) / N)
 
@@ -51,10 +55,10 @@ def test_temperature_sharpens_and_one_changes_nothing():
     """Mutation caught: ``tempered`` ignoring the temperature (returning ``logits``): the T = 0.5 draws
     equal today's and the share does not shrink."""
     logits = DISTRIBUTIONS["narrow normal"]
-    today = race_counts(logits, N, np.random.default_rng(3), 0.15)
-    assert np.array_equal(race_counts(logits, N, np.random.default_rng(3), 0.15, temperature=1.0), today)
-    sharp = race_counts(logits, N, np.random.default_rng(3), 0.15, temperature=0.5)
-    assert np.array_equal(sharp, race_counts(logits / 0.5, N, np.random.default_rng(3), 0.15))
+    today = race_counts(logits, N, UIDS, 3, 0.15)
+    assert np.array_equal(race_counts(logits, N, UIDS, 3, 0.15, temperature=1.0), today)
+    sharp = race_counts(logits, N, UIDS, 3, 0.15, temperature=0.5)
+    assert np.array_equal(sharp, race_counts(logits / 0.5, N, UIDS, 3, 0.15))
     assert np.count_nonzero(sharp) < np.count_nonzero(today) - 500
     shares = [expected_unique_fraction(logits, N, t, 0.15) for t in (0.05, 0.2, 1.0, 5.0)]
     assert shares == sorted(shares) and shares[0] < 0.15 < 0.6 < shares[-1]

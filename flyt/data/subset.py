@@ -72,15 +72,15 @@ def _uid_chars(uids: pa.Array, first_row: int) -> np.ndarray:
     if uids.null_count:
         row = first_row + int(np.flatnonzero(uids.is_null().to_numpy(zero_copy_only=False))[0])
         raise FlytError(f"uid at row {row} is missing (null); {_EXPECTED}")
-    lengths = pc.binary_length(uids).to_numpy()
+    offset_dtype = np.int64 if pa.types.is_large_string(uids.type) else np.int32
+    offsets = np.frombuffer(uids.buffers()[1], dtype=offset_dtype)[uids.offset : uids.offset + n + 1]
+    lengths = np.diff(offsets)  # from the offsets buffer: no compute kernel, no pandas import behind to_numpy
     bad = np.flatnonzero(lengths != UID_LENGTH)
     if bad.size:
         i = int(bad[0])
         raise FlytError(
             f"malformed uid at row {first_row + i}: {uids[i].as_py()!r} is {lengths[i]} bytes long; {_EXPECTED}"
         )
-    offset_dtype = np.int64 if pa.types.is_large_string(uids.type) else np.int32
-    offsets = np.frombuffer(uids.buffers()[1], dtype=offset_dtype)[uids.offset : uids.offset + n + 1]
     data = np.frombuffer(uids.buffers()[2], dtype=np.uint8)
     start = int(offsets[0])  # every uid is 32 bytes, so the characters are one contiguous block
     return data[start : start + n * UID_LENGTH].reshape(n, UID_LENGTH)
@@ -96,6 +96,14 @@ def array_to_uids(arr: np.ndarray) -> pa.Array:
     chars = binascii.hexlify(words)
     offsets = np.arange(0, UID_LENGTH * (n + 1), UID_LENGTH, dtype=np.int64)
     return pa.Array.from_buffers(pa.large_string(), n, [None, pa.py_buffer(offsets), pa.py_buffer(chars)])
+
+
+def counts_table(uids: np.ndarray, counts: np.ndarray) -> pa.Table:
+    """The counts file's rows: uid (string) and count (int64), built from buffers (``pa.array`` on NumPy
+    input would import pandas, a second of start-up for ``flyt sample``)."""
+    counts = np.ascontiguousarray(counts, dtype=np.int64)
+    column = pa.Array.from_buffers(pa.int64(), len(counts), [None, pa.py_buffer(counts)])
+    return pa.Table.from_arrays([array_to_uids(uids), column], names=["uid", "count"])
 
 
 def sort_order(arr: np.ndarray) -> np.ndarray:
@@ -171,3 +179,38 @@ def _check_dtype(arr: np.ndarray, name) -> np.ndarray:
         got = arr.dtype if isinstance(arr, np.ndarray) else type(arr).__name__
         raise FlytError(f"{name}: expected dtype u8,u8 (DataComp uids), got {got}")
     return arr
+
+
+class SubsetWriter:
+    """A DataComp subset written in sorted blocks (each after the previous one), never held whole:
+    ``with SubsetWriter(path, rows) as out: out.write(uids, counts)``. The row count is fixed up front
+    (it is in the .npy header) and checked at the end; the file appears only once complete."""
+
+    def __init__(self, path: str | os.PathLike, rows: int):
+        self.path, self.rows, self.written = path, int(rows), 0
+
+    def __enter__(self) -> "SubsetWriter":
+        self._atomic = atomic_path(self.path)
+        self._handle = open(self._atomic.__enter__(), "wb")
+        header = np.lib.format.header_data_from_array_1_0(np.empty(0, dtype=UID_DTYPE))
+        header["shape"] = (self.rows,)
+        np.lib.format.write_array_header_1_0(self._handle, header)
+        return self
+
+    def write(self, uids: np.ndarray, counts: np.ndarray) -> None:
+        """The next uids (sorted, after every earlier one), each repeated ``counts`` times."""
+        packed = np.empty(len(uids), dtype=UID_DTYPE)
+        packed["f0"], packed["f1"] = uids["f0"], uids["f1"]
+        rows = np.repeat(packed, counts)
+        self._handle.write(rows.data)
+        self.written += len(rows)
+
+    def __exit__(self, kind, error, trace) -> bool:
+        self._handle.close()
+        if kind is None and self.written != self.rows:
+            error = FlytError(f"{self.path}: {self.written} subset rows written, {self.rows} announced")
+            kind, trace = FlytError, None
+        self._atomic.__exit__(kind, error, trace)
+        if kind is FlytError and error is not None and trace is None:
+            raise error
+        return False

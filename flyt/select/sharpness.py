@@ -45,11 +45,13 @@ def expected_unique_fraction(
 
 
 def unique_fraction_range(
-    logits: np.ndarray, total: int, penalty: float = 0.0, cap: float = math.inf
+    logits: np.ndarray, total: int, penalty: float = 0.0, cap: float = math.inf, pool_size: int | None = None
 ) -> tuple[float, float]:
-    """The shares reachable by a temperature: from the sharpest the race handles to uniform sampling."""
+    """The shares reachable by a temperature: from the sharpest the race handles to uniform sampling.
+
+    ``pool_size``: the logits are a sample of a pool this large (``total`` counts the pool's draws)."""
     sample = _sample(logits)
-    target = total * sample.size / logits.size
+    target = total * sample.size / (pool_size or logits.size)
     span = float(sample.max() - sample.min())
     if span == 0:  # every temperature samples uniformly
         share = _share(sample, target, penalty, cap)
@@ -58,22 +60,29 @@ def unique_fraction_range(
 
 
 def temperature_for_unique_fraction(
-    logits: np.ndarray, total: int, fraction: float, penalty: float = 0.0, cap: float = math.inf
+    logits: np.ndarray,
+    total: int,
+    fraction: float,
+    penalty: float = 0.0,
+    cap: float = math.inf,
+    pool_size: int | None = None,
 ) -> float:
     """The temperature at which ``total`` draws are expected to hold ``fraction`` of the pool as distinct
-    examples, solved on log T (the share grows with T); deterministic, from the logits alone."""
+    examples, solved on log T (the share grows with T); deterministic, from the logits alone (or from a
+    sample of a pool of ``pool_size``)."""
     if not 0 < fraction <= 1:
         raise FlytError(f"the unique fraction must be in (0, 1], got {fraction}")
-    low, high = unique_fraction_range(logits, total, penalty, cap)
+    pool_size = pool_size or logits.size
+    low, high = unique_fraction_range(logits, total, penalty, cap, pool_size)
     if not low - 1e-9 <= fraction <= high + 1e-9:
         raise FlytError(
-            f"a unique fraction of {fraction} is out of reach for {total} draws from these {logits.size} scores: "
+            f"a unique fraction of {fraction} is out of reach for {total} draws from these {pool_size} scores: "
             f"temperatures give {low:.4g} (the sharpest the sampler runs in float64) to {high:.4g} (uniform)"
         )
     if high - low < 1e-9:
         return 1.0
     sample = _sample(logits)
-    target = total * sample.size / logits.size
+    target = total * sample.size / pool_size
     span = float(sample.max() - sample.min())
     # regula falsi on log T (Illinois variant: a bound kept twice has its excess halved), from the range ends
     ends = [[math.log(span / _SHARPEST_SPAN), low - fraction], [math.log(span / _FLATTEST_SPAN), high - fraction]]
