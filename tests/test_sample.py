@@ -328,8 +328,10 @@ def test_scs_writes_subset_counts_summary_and_plot(tmp_path, pool, capsys):
     assert summary["total_drawn"] == 1000 and summary["pool_size"] == N
     assert summary["params"]["repetition_penalty"] == 0.15
     assert sum(summary["count_histogram"].values()) == summary["unique"] == len(set(uids))
-    plot = (tmp_path / "out" / "subset.svg").read_text()
-    assert plot.startswith("<svg") and plot.count("<polyline") == 3 and "score percentile in the pool" in plot
+    from PIL import Image
+
+    with Image.open(tmp_path / "out" / "subset.png") as plot:
+        assert plot.format == "PNG" and plot.size == (1100, 400)
     assert "1,000 drawn" in capsys.readouterr().out
 
 

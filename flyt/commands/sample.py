@@ -74,7 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="scs/hcs: use the temperature at which this share of the pool is expected among the drawn, in (0, 1]",
     )
     parser.add_argument("--score_column", default="score", help="column holding the scores (logits) (default score)")
-    parser.add_argument("--plot", help="SVG of pool vs. selected score distributions (default <output stem>.svg)")
+    parser.add_argument("--plot", help="PNG of pool vs. selected score distributions (default <output stem>.png)")
     parser.add_argument(
         "--memory_limit",
         default=DEFAULT_MEMORY,
@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     files, rows = score_files(args.scores, args.score_column)
     pool_rows, draws = sum(rows), params.get("total_size") or 0
     output = Path(args.output)
-    plot = Path(args.plot) if args.plot else output.with_suffix(".svg")
+    plot = Path(args.plot) if args.plot else output.with_suffix(".png")
     if pool_rows * _IN_MEMORY_BYTES[0] + draws * _IN_MEMORY_BYTES[1] <= memory:
         figures, sampled = _in_memory(args, params, output)
         path = "in memory"
@@ -220,8 +220,8 @@ def _check_flags(args: argparse.Namespace) -> dict:
         raise FlytError(f"--unique_fraction must be in (0, 1], got {args.unique_fraction}")
     if args.sampling_batch_size is not None and args.sampling_batch_size < 1:
         raise FlytError(f"--sampling_batch_size must be a positive integer, got {args.sampling_batch_size}")
-    if args.plot and not args.plot.lower().endswith(".svg"):
-        raise FlytError(f"--plot {args.plot}: the plot is an SVG; give a name ending in .svg")
+    if args.plot and not args.plot.lower().endswith(".png"):
+        raise FlytError(f"--plot {args.plot}: the plot is a PNG; give a name ending in .png")
     if args.output and os.path.isdir(args.output):
         raise FlytError(f"--output {args.output} is a folder; expected a file name such as subset.npy")
     params = {name: getattr(args, name) for name in sorted(given - {"seed"})}
@@ -249,59 +249,32 @@ def _describe(method: str, params: dict, seed: int | None) -> str:
 
 
 def plot_selection(path: str | os.PathLike, scores: np.ndarray, counts: np.ndarray, title: str) -> None:
-    """Score distribution of the pool vs. the selection (weighted by counts), and mean count per score
-    percentile: what to look at when choosing the penalty or cap.
+    """A PNG: the score distribution of the pool vs. the selection (weighted by counts), and the mean count
+    per score percentile: what to look at when choosing the penalty or cap.
 
     ``scores`` and ``counts`` are the uid-keyed pool sample's (a random sample, at most ~2^18 rows), so the
-    plot costs the same for 10^10 rows as for 10^4. It is an SVG written directly: a plotting library's
-    import would cost more than sampling a million rows.
+    plot costs the same for 10^10 rows as for 10^4.
     """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     span = (scores.min(), scores.max()) if scores.max() > scores.min() else (scores.min() - 0.5, scores.max() + 0.5)
-    edges = np.linspace(*span, 101)
-    centres = (edges[:-1] + edges[1:]) / 2
-    curves = [(np.histogram(scores, bins=edges, density=True)[0], "#777", "pool")]
-    if counts.sum() > 0:
-        curves.append((np.histogram(scores, bins=edges, weights=counts, density=True)[0], "#1f6fd1",
-                       "selection (with repeats)"))
+    for weights, label in ((None, "pool"), (counts, "selection (with repeats)")):
+        if weights is None or weights.sum() > 0:
+            density, edges = np.histogram(scores, bins=100, range=span, weights=weights, density=True)
+            left.stairs(density, edges, label=label)
+    left.set(xlabel="score", ylabel="density")
+    left.legend()
     percentile = np.minimum(np.argsort(np.argsort(scores, kind="stable")) * 100 // scores.size, 99)
     with np.errstate(invalid="ignore"):  # a tiny pool leaves some percentiles empty: gaps in the curve
         mean_count = np.bincount(percentile, weights=counts, minlength=100) / np.bincount(percentile, minlength=100)
-    parts = [_panel(60, centres, curves, "score", "density"),
-             _panel(560, np.arange(100.0), [(mean_count, "#e07b00", None)], "score percentile in the pool",
-                    "mean draws per example", dots=True)]
-    svg = ('<svg xmlns="http://www.w3.org/2000/svg" width="1000" height="380" font-family="sans-serif" '
-           f'font-size="12"><rect width="1000" height="380" fill="white"/><text x="500" y="22" '
-           f'text-anchor="middle" font-size="14">{_escape(title)}</text>{"".join(parts)}</svg>\n')
+    right.plot(np.arange(100), mean_count, marker=".")
+    right.set(xlabel="score percentile in the pool", ylabel="mean draws per example")
+    fig.suptitle(title)
+    fig.tight_layout()
     with atomic_path(path) as tmp:
-        tmp.write_text(svg)
-
-
-def _panel(left: int, x: np.ndarray, curves: list, x_label: str, y_label: str, dots: bool = False) -> str:
-    """One 400 x 280 px axes box at ``left`` with its curves (values, colour, legend label or None)."""
-    top, width, height = 45, 400, 280
-    finite = np.concatenate([values[np.isfinite(values)] for values, _, _ in curves] + [np.zeros(1)])
-    y_max = float(finite.max()) or 1.0
-    sx = lambda v: left + width * (v - x[0]) / ((x[-1] - x[0]) or 1.0)  # noqa: E731
-    sy = lambda v: top + height * (1 - v / (1.05 * y_max))  # noqa: E731
-    out = [f'<rect x="{left}" y="{top}" width="{width}" height="{height}" fill="none" stroke="black"/>']
-    for t in np.linspace(0, 1, 5):
-        xv, yv = x[0] + t * (x[-1] - x[0]), t * 1.05 * y_max
-        out.append(f'<text x="{sx(xv):.1f}" y="{top + height + 16}" text-anchor="middle">{xv:.3g}</text>')
-        out.append(f'<text x="{left - 6}" y="{sy(yv) + 4:.1f}" text-anchor="end">{yv:.3g}</text>')
-    out.append(f'<text x="{left + width / 2}" y="{top + height + 34}" text-anchor="middle">{x_label}</text>')
-    out.append(f'<text x="{left - 48}" y="{top + height / 2}" text-anchor="middle" '
-               f'transform="rotate(-90 {left - 48} {top + height / 2})">{y_label}</text>')
-    for row, (values, colour, label) in enumerate(curves):
-        ok = np.isfinite(values)
-        points = " ".join(f"{sx(a):.1f},{sy(b):.1f}" for a, b in zip(x[ok], values[ok]))
-        out.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="1.5"/>')
-        if dots:
-            out.extend(f'<circle cx="{sx(a):.1f}" cy="{sy(b):.1f}" r="2" fill="{colour}"/>' for a, b in zip(x[ok], values[ok]))
-        if label:
-            out.append(f'<text x="{left + width - 8}" y="{top + 18 + 16 * row}" text-anchor="end" '
-                       f'fill="{colour}">{label}</text>')
-    return "".join(out)
-
-
-def _escape(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
