@@ -143,14 +143,28 @@ def test_the_outcome_answers_the_question_in_plain_words():
             "with 5 seeds).") in text
 
 
+def test_a_yardstick_that_cannot_tell_the_oracle_from_no_filter_says_so():
+    """Mutation caught: the check reading the oracle's comparison with random instead of with no filter
+    (here the oracle beats random, so the warning would vanish)."""
+    start = [0.1, 0.5, 0.2, 0.6, 0.3]
+    gaps = {"no filter": [0] * 5, "random": [-0.1] * 5, "oracle: clean first": [0.4, 0.0, -0.05, 0.1, 0.35]}
+    table = pd.DataFrame([{"method": m, "seed": s, "acc1": start[s] + g[s]} for m, g in gaps.items() for s in range(5)])
+    assert ("**The yardstick fails its own check**: the oracle, which keeps only clean pairs, and no filter are "
+            "not distinguishable with 5 seeds.") in "\n".join(_outcome(table))
+    table.loc[table.method == "oracle: clean first", "acc1"] = [0.9, 0.95, 0.92, 0.91, 0.93]
+    assert "yardstick fails" not in "\n".join(_outcome(table))
+
+
 def test_unequal_compute_is_reported_from_the_runs_own_outputs(tmp_path):
     """A run whose metrics end early (killed, or another budget) breaks equal compute, whatever its command
-    line asked for. Mutation caught: steps read from the logged --steps flag instead of metrics.jsonl."""
+    line asked for; a run whose last loss is about ln(batch) is named as left on the plateau.
+    Mutations caught: steps read from the logged --steps flag instead of metrics.jsonl; the plateau test
+    comparing the loss with the margin alone instead of ln(batch) minus it."""
     rows = []
-    for run, last in (("a", 40), ("b", 30)):
+    for run, last, loss in (("a", 40, 1.0), ("b", 30, 2.7)):  # ln(16) = 2.77
         (tmp_path / "runs" / run).mkdir(parents=True)
         (tmp_path / "runs" / run / "metrics.jsonl").write_text(
-            "".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(10, last + 1, 10)))
+            "".join(json.dumps({"step": s, "loss": loss}) + "\n" for s in range(10, last + 1, 10)))
         (tmp_path / "logs").mkdir(exist_ok=True)
         (tmp_path / "logs" / f"{run}.log").write_text(
             f"$ flyt train-clip --subset {run}.npy --steps 40 --batch_size 16 --seed 0\n"
@@ -160,6 +174,8 @@ def test_unequal_compute_is_reported_from_the_runs_own_outputs(tmp_path):
     lines = _compute_section(tmp_path, pd.DataFrame(rows), {"a": counts, "b": counts})
     assert lines[0].startswith("**Compute is NOT equal**: the 2 CLIPs saw between 480 and 640 samples")
     assert "| B | b | 2 | 3 | 480 | 30 |" in lines
+    assert lines[0].endswith("1 of the 2 runs end with a training loss within 0.2 of ln(batch), the loss of a CLIP "
+                             "that has learnt nothing: B (seed 0).")
 
 
 @pytest.mark.parametrize("argv, flag", [(["data", "--pool_size", "10", "--shards", "20"], "--shards"),

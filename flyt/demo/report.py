@@ -1,4 +1,5 @@
-"""The demo's report: a results table, what the filters learned, plots, and the commands to reproduce."""
+"""The demo's report: results, paired comparisons over seeds, the compute and distinct examples of every run,
+what the filters learned, plots, and the commands to reproduce."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-SECTIONS = ("## Results", "## Comparisons over seeds", "## Equal compute and distinct examples", "## What M-FLYT learned",
-            "## How well the scores separate clean from corrupted", "## What each subset selected", "## Training curves", "## Diagnostics and validation", "## Reproduce")
+SECTIONS = ("## Results", "## Comparisons over seeds", "## Equal compute and distinct examples",
+            "## What M-FLYT learned", "## How well the scores separate clean from corrupted",
+            "## What each subset selected", "## Training curves", "## Diagnostics and validation", "## Reproduce")
 RUNS = {"FLYT": "flyt", "M-FLYT": "mflyt"}
 TRAIN_CLIP_DONE = "flyt train-clip: done "  # the closing line of `flyt train-clip`, followed by its JSON summary
 DIAGNOSTICS = {  # metric -> what a user reads from it
@@ -37,6 +39,7 @@ def _auc(score: np.ndarray, positive: np.ndarray) -> float:
 
 
 LEVEL = 0.95  # coverage of each comparison's interval
+PLATEAU = 0.2  # a CLIP run whose last loss is this close to ln(batch) has not left its initial plateau
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,7 @@ def comparisons(methods) -> list[tuple[str, str]]:
 
 
 def _outcome(results: pd.DataFrame) -> list[str]:
-    """A table of every comparison, a sentence each, and the answer to the demo's question in plain words."""
+    """A table of every comparison, one sentence per baseline, and the answer to the demo's question in plain words."""
     methods = list(dict.fromkeys(results["method"]))
     done = [compare(results, m, o) for m, o in comparisons(methods)]
     lines = [f"| comparison | paired seeds | mean difference | {LEVEL:.0%} interval | verdict |", "|---|---|---|---|---|"]
@@ -102,10 +105,15 @@ def _outcome(results: pd.DataFrame) -> list[str]:
     learned = [c for c in done if c.other == "CLIP-score top-k" and "FLYT" in c.method]
     if learned:
         wins = [c.method for c in learned if c.verdict == "better"]
-        rest = "; ".join(f"{c.method} {'is worse' if c.verdict == 'worse' else 'is ' + c.verdict}"
-                         for c in learned if c.verdict != "better")
+        rest = "; ".join(f"{c.method} is {c.verdict}" for c in learned if c.verdict != "better")
         answer = f"Yes: {', '.join(wins)}" + (f" (while {rest})" if rest else "") if wins else f"No: {rest}"
         lines += ["", f"**Does a learned filter beat the best simple baseline (CLIP-score top-k) here?** {answer}."]
+    check = next((c for c in done if c.method.startswith("oracle") and c.other == "no filter"), None)
+    if check is not None and check.verdict != "better":
+        verdict = "is worse than" if check.verdict == "worse" else f"and no filter are {check.verdict}"
+        lines += ["", f"**The yardstick fails its own check**: the oracle, which keeps only clean pairs, {verdict}. "
+                  "CLIPs this short cannot then show whether any filter works; the verdicts above say what these runs measured, not what the filters are worth (see the runs left on the initial plateau "
+                  "in the next section)."]
     seeds = results.seed.nunique()
     lines += ["", f"Each interval is a paired t interval ({LEVEL:.0%}) over the per-seed differences; \"better\" "
               "and \"worse\" mean it excludes 0. It measures the randomness of the CLIP trainings (initialisation, "
@@ -124,9 +132,9 @@ def training_budget(root: Path, run: str) -> dict:
     log = (root / "logs" / f"{run}.log").read_text().splitlines()
     argv = shlex.split(next(line for line in log if line.startswith("$ flyt train-clip "))[2:])
     done = next(line for line in log if line.startswith(TRAIN_CLIP_DONE))
-    steps = json.loads((root / "runs" / run / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    last = json.loads((root / "runs" / run / "metrics.jsonl").read_text().splitlines()[-1])
     batch = int(argv[argv.index("--batch_size") + 1])
-    return {"steps": steps, "batch": batch, "samples_seen": steps * batch,
+    return {"steps": last["step"], "batch": batch, "samples_seen": last["step"] * batch, "final_loss": last["loss"],
             "distinct_seen": json.loads(done[len(TRAIN_CLIP_DONE):])["unique_samples_seen"]}
 
 
@@ -141,6 +149,10 @@ def _compute_section(root: Path, results: pd.DataFrame, selections: dict[str, pd
     else:
         head = (f"**Compute is NOT equal**: the {len(budget)} CLIPs saw between {seen.min():,} and {seen.max():,} "
                 "samples, so the comparisons below mix filtering with training length.")
+    flat = budget[np.log(budget.batch) - budget.final_loss < PLATEAU]
+    names = [f"{m} (seed{'s' if len(g) > 1 else ''} {', '.join(map(str, g.seed))})" for m, g in flat.groupby("method", sort=False)]
+    head += (f" {len(flat)} of the {len(budget)} runs end with a training loss within {PLATEAU} of ln(batch), the loss "
+             f"of a CLIP that has learnt nothing: {'; '.join(names) or 'none'}.")
     lines = [head, "", "| method | subset | distinct in subset | examples (with repeats) | samples seen per run | "
              "distinct seen per run |", "|---|---|---|---|---|---|"]
     for (method, subset), group in budget.groupby(["method", "subset"], sort=False):
@@ -248,6 +260,7 @@ def write_report(root: Path, plan, truth: pd.DataFrame, results: list[dict], com
     (root / "report").mkdir(parents=True, exist_ok=True)
     results = pd.DataFrame(results)
     table = results.groupby("method", sort=False).acc1.agg(["mean", "std", "count"])
+    per_seed = results.pivot(index="method", columns="seed", values="acc1").reindex(table.index)
     usable = truth[truth.kind != "broken"][["uid", "kind", "clean", "aligned"]]
     inputs = pd.concat(pd.read_parquet(p) for p in sorted((root / "data" / "scores").glob("*.parquet")))
     inputs = inputs.merge(usable, on="uid")
@@ -273,10 +286,12 @@ def write_report(root: Path, plan, truth: pd.DataFrame, results: list[dict], com
              f"Every CLIP below trains {plan.clip_steps} steps of batch {plan.batch} on its subset, once per seed "
              f"({results.seed.nunique()} seed(s), the same for every subset); accuracy is zero-shot top-1 on the digits "
              f"task's held-out test split (chance 0.10). Total time {seconds:.0f} s.", "",
-             SECTIONS[0], "", "| method | acc1 mean | ± std | seeds |", "|---|---|---|---|"]
+             SECTIONS[0], "", "| method | " + " | ".join(f"seed {s}" for s in per_seed) + " | mean | ± std |",
+             "|---" * (len(per_seed.columns) + 3) + "|"]
     for method, row in table.iterrows():
         std = "" if row["count"] < 2 else f"{row['std']:.3f}"
-        lines.append(f"| {method} | {row['mean']:.3f} | {std} | {int(row['count'])} |")
+        seeds = " | ".join("" if pd.isna(v) else f"{v:.3f}" for v in per_seed.loc[method])
+        lines.append(f"| {method} | {seeds} | {row['mean']:.3f} | {std} |")
     lines += ["", SECTIONS[1], "", *_outcome(results), "", SECTIONS[2], "", *_compute_section(root, results, selections),
               "", SECTIONS[3], "", "The mixer's weight on each standardised input, beside how well that input alone "
               "and the mix separate clean (and aligned) pairs from the rest.", "",
