@@ -179,10 +179,12 @@ def test_unequal_compute_is_reported_from_the_runs_own_outputs(tmp_path):
 
 
 @pytest.mark.parametrize("argv, flag", [(["data", "--pool_size", "10", "--shards", "20"], "--shards"),
-                                        (["scores", "--kind", "random"], "--truth")])
+                                        (["scores", "--kind", "random", "--truth", "TMP/none.parquet"], "--truth"),
+                                        (["inputs", "--upstream_data_dir", "TMP", "--base", "TMP/b.pt"], "--upstream_data_dir")])
 def test_demo_steps_refuse_bad_input_in_one_line(tmp_path, capsys, argv, flag):
-    argv = [*argv, "--output", str(tmp_path / "out")] + (["--truth", str(tmp_path / "none.parquet")]
-                                                         if argv[0] == "scores" else [])
+    """A shard count above the pool size, a missing truth file, an empty pool folder: one line naming the flag,
+    nothing written. Mutation caught: write_data without its own check (toydata's ValueError escapes)."""
+    argv = [a.replace("TMP", str(tmp_path)) for a in argv] + ["--output", str(tmp_path / "out")]
     assert demo_step(argv) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith(f"python -m flyt.demo.steps {argv[0]}: error: ") and flag in err[0]

@@ -41,6 +41,13 @@ def _pool_statistics(pool_dir: Path, out_dir: Path, base_ckpt: Path, model: str)
     Each column is standardised over the pool (zero mean, unit variance), as one would prepare scores of
     different ranges for a linear mixer; otherwise the widest-ranged column dominates the initial mix.
     """
+    from flyt.data.shards import list_shards
+    from flyt.errors import FlytError
+
+    shards = list_shards(pool_dir, "--upstream_data_dir")  # both checks before torch loads
+    if not base_ckpt.is_file():
+        raise FlytError(f"--base {base_ckpt}: no such checkpoint file")
+
     import numpy as np
     import pandas as pd
     import torch
@@ -49,13 +56,7 @@ def _pool_statistics(pool_dir: Path, out_dir: Path, base_ckpt: Path, model: str)
 
     from flyt.atomic import atomic_path
     from flyt.data.samples import decode_pair
-    from flyt.data.shards import list_shards
-    from flyt.errors import FlytError
     from flyt.models.networks import create_clip
-
-    shards = list_shards(pool_dir, "--upstream_data_dir")
-    if not base_ckpt.is_file():
-        raise FlytError(f"--base {base_ckpt}: no such checkpoint file")
     clip, _, preprocess, tokenizer = create_clip(model, str(base_ckpt))
     clip.eval()
     frames, skipped = {}, Counter()
