@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from flyt.demo.steps import CORRUPTION, INPUT_FIELDS, TASK
+from flyt.demo.steps import CLIP_SCORE, CORRUPTION, INPUT_FIELDS, TASK
 
 STEPS = "flyt.demo.steps"  # first word of a demo-only step: run as `python -m flyt.demo.steps ...`
 KEEP = 0.4  # share of the usable pool each filtered subset holds as distinct examples
@@ -29,7 +29,7 @@ class Plan:
     """Sizes of one demo run. The base needs ~350 steps of batch 128 to leave the tiny CLIP's initial
     plateau on this pool; the yardstick CLIPs are short, so a cleaner subset shows as a faster start.
     Every subset's CLIP trains once per seed (the same seeds for all): 5 seeds give paired t intervals of
-    about 1.2 standard deviations of the per-seed differences, in ~6 minutes on 2 cores."""
+    about 1.2 standard deviations of the per-seed differences, in about 5 minutes alone on 2 cores."""
 
     pool: int
     shards: int
@@ -137,8 +137,8 @@ def scoring_checkpoint(run_dir: Path) -> Path:
 
 
 def m_flyt_inputs(step: Pipeline, data: Path, base: Path, model: str) -> list[str]:
-    """M-FLYT's input columns, written to ``data/scores``; returns their names. The one place that decides
-    where M-FLYT's inputs come from (today the demo's own statistics step)."""
+    """M-FLYT's input columns, written to ``data/scores`` (one of them ``CLIP_SCORE``); returns their names.
+    The one place that decides where M-FLYT's inputs come from (today the demo's own statistics step)."""
     step(STEPS, "inputs", "--upstream_data_dir", data / "pool", "--base", base, "--model", model,
          "--output", data / "scores")
     return list(INPUT_FIELDS)
@@ -212,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
     usable = truth[truth.kind != "broken"]
     topk = ["--method", "topk", "--fraction", KEEP]
     scs = ["--method", "scs", "--total_size", len(usable), "--unique_fraction", KEEP]
-    clip_score = ["--scores", data / "scores", "--score_column", "clip_score"]
+    clip_score = ["--scores", data / "scores", "--score_column", CLIP_SCORE]
     methods = {  # label -> (subset name, score flags, sampling flags)
         "no filter": ("no_filter", clip_score, ["--method", "topk", "--fraction", 1.0]),
         "random": ("random", ["--scores", data / "random_scores.parquet"], topk),

@@ -255,6 +255,7 @@ def write_report(root: Path, plan, truth: pd.DataFrame, results: list[dict], com
     import torch
 
     from flyt.demo.pipeline import scoring_checkpoint
+    from flyt.demo.steps import CLIP_SCORE
     from flyt.data.subset import array_to_uids, load_subset
 
     (root / "report").mkdir(parents=True, exist_ok=True)
@@ -264,7 +265,7 @@ def write_report(root: Path, plan, truth: pd.DataFrame, results: list[dict], com
     usable = truth[truth.kind != "broken"][["uid", "kind", "clean", "aligned"]]
     inputs = pd.concat(pd.read_parquet(p) for p in sorted((root / "data" / "scores").glob("*.parquet")))
     inputs = inputs.merge(usable, on="uid")
-    scored = {"base CLIP score": inputs.assign(score=inputs.clip_score)}
+    scored = {"base CLIP score": inputs.assign(score=inputs[CLIP_SCORE])}
     for label, name in RUNS.items():
         scored[label] = pd.read_parquet(root / "data" / f"{name}_scores.parquet").merge(usable, on="uid")
     subsets = root / "data" / "subsets"

@@ -15,6 +15,7 @@ from pathlib import Path
 CORRUPTION = {"wrong_caption": 0.25, "unrelated_caption": 0.15, "noise_image": 0.1, "near_duplicate": 0.1}
 TASK = "wds_digits_test"  # clip_benchmark's folder name for a task called "digits"
 INPUT_FIELDS = ("clip_score", "image_std", "caption_length")
+CLIP_SCORE = "clip_score"  # the input column holding the base's CLIP score: the CLIP-score top-k baseline
 KINDS = ("random", "oracle")  # reference score files of `scores`
 
 
