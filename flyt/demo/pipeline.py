@@ -2,9 +2,10 @@
 
 A DataComp-like pool of handwritten digits with captions, a known share of it corrupted (wrong or
 unrelated captions, noise images, near-duplicates); a downstream training task and a held-out eval
-task. The pipeline runs through the same subcommands a user would call (each step's command line is
-recorded in the report): pretrain the base CLIP -> M-FLYT input scores -> train FLYT and M-FLYT -> score
--> SCS / top-k subsets -> train CLIPs on equal budgets -> zero-shot eval -> report.
+task. Every step is a command a user can paste, recorded in the report: the public subcommands, and
+``python -m flyt.demo.steps`` for the demo's own data and score files. Pool and task -> pretrain the base
+CLIP -> M-FLYT input scores -> train FLYT and M-FLYT -> score -> SCS / top-k subsets at equal distinct
+counts -> one CLIP per subset and seed on equal compute -> zero-shot eval -> report, paired by seed.
 """
 
 from __future__ import annotations
@@ -17,14 +18,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-CORRUPTION = {"wrong_caption": 0.25, "unrelated_caption": 0.15, "noise_image": 0.1, "near_duplicate": 0.1}
+from flyt.demo.steps import CLIP_SCORE, CORRUPTION, INPUT_FIELDS, TASK
+
+STEPS = "flyt.demo.steps"  # first word of a demo-only step: run as `python -m flyt.demo.steps ...`
 KEEP = 0.4  # share of the usable pool each filtered subset holds as distinct examples
 
 
 @dataclass(frozen=True)
 class Plan:
     """Sizes of one demo run. The base needs ~350 steps of batch 128 to leave the tiny CLIP's initial
-    plateau on this pool; the yardstick CLIPs are short, so a cleaner subset shows as a faster start."""
+    plateau on this pool; the yardstick CLIPs are short, so a cleaner subset shows as a faster start.
+    Every subset's CLIP trains once per seed (the same seeds for all): 5 seeds give paired t intervals of
+    about 1.2 standard deviations of the per-seed differences, in about 5 minutes alone on 2 cores."""
 
     pool: int
     shards: int
@@ -32,11 +37,10 @@ class Plan:
     flyt_steps: int
     clip_steps: int
     seeds: int
-    oracle_seeds: int
     batch: int = 128
 
 
-PLANS = {"full": Plan(3000, 6, 500, 100, 100, 3, 1), "quick": Plan(1200, 3, 150, 20, 40, 1, 1)}
+PLANS = {"full": Plan(3000, 6, 500, 100, 100, 5), "quick": Plan(1200, 3, 150, 20, 40, 1)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,16 +66,15 @@ class Pipeline:
 
     def _record(self, argv) -> list[str]:
         argv = [str(a) for a in argv]
-        self.commands.append("flyt " + shlex.join(argv))
+        self.commands.append(shell_line(argv))
         return argv
 
     def __call__(self, *argv) -> None:
-        from flyt.cli import main
         from flyt.errors import FlytError
 
         argv = self._record(argv)
-        if main(argv) != 0:
-            raise FlytError(f"demo step failed: flyt {shlex.join(argv)}")
+        if _main(argv) != 0:
+            raise FlytError(f"demo step failed: {shell_line(argv)}")
 
     def parallel(self, tasks: dict[str, list[list]], desc: str) -> None:
         """Run each named task (a list of commands, in order) in a lane; the tasks are independent."""
@@ -91,7 +94,22 @@ class Pipeline:
             for future in progress.bar(as_completed(futures), total=len(futures), desc=f"flyt demo: {desc}", unit="run"):
                 failed = future.result()
                 if failed is not None:
-                    raise FlytError(f"demo step failed: flyt {shlex.join(failed)} (log: {logs / futures[future]}.log)")
+                    raise FlytError(f"demo step failed: {shell_line(failed)} (log: {logs / futures[future]}.log)")
+
+
+def shell_line(argv: list[str]) -> str:
+    """The line a user pastes for a step: a ``flyt`` subcommand, or a demo-only step of ``flyt.demo.steps``."""
+    return f"python -m {STEPS} {shlex.join(argv[1:])}" if argv[0] == STEPS else f"flyt {shlex.join(argv)}"
+
+
+def _main(argv: list[str]) -> int:
+    if argv[0] == STEPS:
+        from flyt.demo.steps import main
+
+        return main(argv[1:])
+    from flyt.cli import main
+
+    return main(argv)
 
 
 def _start_lane(threads: int) -> None:
@@ -104,12 +122,10 @@ def _run_lane(steps: list[list[str]], log: str) -> list[str] | None:
     """Run commands in order with their output in ``log``; returns the first failing one, if any."""
     import contextlib
 
-    from flyt.cli import main
-
     with open(log, "w") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
         for argv in steps:
-            print("$ flyt " + shlex.join(argv), flush=True)
-            if main(argv) != 0:
+            print("$ " + shell_line(argv), flush=True)
+            if _main(argv) != 0:
                 return argv
     return None
 
@@ -120,56 +136,17 @@ def scoring_checkpoint(run_dir: Path) -> Path:
     return best if best.is_file() else run_dir / "checkpoints" / "scoring_epoch_latest.pt"
 
 
-def _pool_statistics(pool_dir: Path, out_dir: Path, base_ckpt: Path, model: str) -> list[str]:
-    """M-FLYT input scores: the base CLIP's image-text cosine similarity and two cheap statistics.
-
-    Each column is standardised over the pool (zero mean, unit variance), as one would prepare scores of
-    different ranges for a linear mixer; otherwise the widest-ranged column dominates the initial mix.
-    """
-    import numpy as np
-    import pandas as pd
-    import torch
-    import webdataset as wds
-    from collections import Counter
-
-    from flyt.atomic import atomic_path
-    from flyt.data.samples import decode_pair
-    from flyt.data.shards import list_shards
-    from flyt.models.networks import create_clip
-
-    clip, _, preprocess, tokenizer = create_clip(model, str(base_ckpt))
-    clip.eval()
-    frames = {}
-    for shard in list_shards(pool_dir, "pool"):
-        rows, skipped = [], Counter()
-        for raw in wds.tarfile_samples([{"url": shard}]):
-            sample = decode_pair(raw, skipped)
-            if sample is not None:
-                rows.append(sample)
-        with torch.no_grad():
-            img = clip.encode_image(torch.stack([preprocess(r["image"]) for r in rows]), normalize=True)
-            txt = clip.encode_text(tokenizer([r["text"] for r in rows]), normalize=True)
-        frames[Path(shard).stem] = pd.DataFrame({
-            "key": [r["key"] for r in rows], "uid": [r["uid"] for r in rows],
-            "clip_score": (img * txt).sum(-1).numpy().astype("float64"),
-            "image_std": [float(np.asarray(r["image"], dtype=np.float64).std()) for r in rows],
-            "caption_length": [float(len(r["text"])) for r in rows]})
-    fields = ["clip_score", "image_std", "caption_length"]
-    pool = pd.concat(frames.values())
-    mean, std = pool[fields].mean(), pool[fields].std()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stem, frame in frames.items():
-        frame[fields] = (frame[fields] - mean) / std
-        with atomic_path(out_dir / f"{stem}_scores.parquet") as tmp:
-            frame.to_parquet(tmp)
-    return fields
+def m_flyt_inputs(step: Pipeline, data: Path, base: Path, model: str) -> list[str]:
+    """M-FLYT's input columns, written to ``data/scores`` (one of them ``CLIP_SCORE``); returns their names.
+    The one place that decides where M-FLYT's inputs come from (today the demo's own statistics step)."""
+    step(STEPS, "inputs", "--upstream_data_dir", data / "pool", "--base", base, "--model", model,
+         "--output", data / "scores")
+    return list(INPUT_FIELDS)
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
     import pandas as pd
 
-    from flyt.demo import toydata
     from flyt.demo.report import write_report
     from flyt.errors import FlytError
 
@@ -183,9 +160,8 @@ def run(args: argparse.Namespace) -> int:
     model, seed = "flyt-tiny", args.seed
 
     print(f"flyt demo: building a pool of {plan.pool} digit image-caption pairs ({1 - sum(CORRUPTION.values()):.0%} clean)")
-    truth = toydata.write_pool(data / "pool", plan.pool, plan.shards, seed, corruption=CORRUPTION, n_broken=5)
-    task = toydata.write_task(data / "tasks", name="wds_digits_test", seed=seed, layout="simple")  # clip_benchmark's name
-    truth.to_parquet(data / "truth.parquet")
+    step(STEPS, "data", "--output", data, "--pool_size", plan.pool, "--shards", plan.shards, "--seed", seed)
+    truth = pd.read_parquet(data / "truth.parquet")
 
     # 1. the base CLIP, pretrained on the raw pool: reference and scoring base of FLYT. One process decodes
     # while this one computes on the remaining cores (on 2 cores, 2 compute threads and a decoder contend).
@@ -200,10 +176,10 @@ def run(args: argparse.Namespace) -> int:
     base = runs / "base" / "checkpoints" / "epoch_latest.pt"
 
     # 2. M-FLYT input scores, from the base and from the raw data
-    fields = _pool_statistics(data / "pool", data / "scores", base, model)
+    fields = m_flyt_inputs(step, data, base, model)
 
     # 3. train M-FLYT and FLYT against the digits task's training split (side by side)
-    common = ["--upstream_data_dir", data / "pool", "--downstream_task_names", task.eval_dir, "--model", model,
+    common = ["--upstream_data_dir", data / "pool", "--downstream_task_names", data / "tasks" / TASK, "--model", model,
               "--reference_pretrained", base, "--update_reference_model", "--downstream_logit_scale", "2.65926",
               "--upstream_batch_size", 128, "--downstream_batch_size", 64, "--n_iterations", plan.flyt_steps,
               "--warmup", 5, "--reference_learning_rate", "1e-4", "--workers", 0, "--seed", seed,
@@ -219,42 +195,41 @@ def run(args: argparse.Namespace) -> int:
         "train_flyt": [["train", *common, "--exp_name", "flyt", "--scoring_pretrained", base, "--cos_sim_init"]]},
         "training M-FLYT and FLYT")
 
-    # 4. score the pool with both, from the best validation step's checkpoint when there is one
+    # 4. score the pool with both, from the best validation step's checkpoint when there is one; the score
+    # files of the two reference filters that read the ground truth (random, oracle)
     step.parallel({f"score_{name}": [["score", "--checkpoint", scoring_checkpoint(runs / name),
                                       "--upstream_data_dir", data / "pool", "--output", data / f"{name}_scores.parquet",
                                       "--workers", 0, *(["--parquet_dir", data / "scores"] if name == "mflyt" else [])]]
                    for name in ("mflyt", "flyt")}, "scoring the pool")
+    for kind in ("random", "oracle"):
+        step(STEPS, "scores", "--truth", data / "truth.parquet", "--kind", kind, "--seed", seed,
+             "--output", data / f"{kind}_scores.parquet")
 
-    # 5. subsets of equal numbers of distinct examples: SCS and top-k on the learned scores, top-k on the base's
-    # CLIP score, random, the whole pool, and the ceiling: what a filter that knew the truth would keep (clean first)
+    # 5. subsets: SCS and top-k on the learned scores, top-k on the base's CLIP score (a column of M-FLYT's
+    # inputs), random, the whole pool, and the ceiling: what a filter that knew the truth would keep. Equal
+    # numbers of distinct examples: top-k keeps a share KEEP of the usable pool; SCS draws as many as the pool
+    # holds (DataComp's convention, with repeats) at the temperature that leaves ~KEEP of it distinct
     usable = truth[truth.kind != "broken"]
-    rng = np.random.default_rng(seed)
-    inputs = pd.concat(pd.read_parquet(p) for p in sorted((data / "scores").glob("*.parquet")))
-    inputs[["uid", "clip_score"]].rename(columns={"clip_score": "score"}).to_parquet(data / "clip_scores.parquet")
-    usable[["uid"]].assign(score=rng.random(len(usable))).to_parquet(data / "random_scores.parquet")
-    usable[["uid"]].assign(score=usable.clean.to_numpy() + rng.random(len(usable)) / 2).to_parquet(
-        data / "oracle_scores.parquet")
-    # equal numbers of distinct examples: top-k keeps a share KEEP of the usable pool; SCS draws as many as
-    # the pool holds (DataComp's convention, with repeats) at the temperature that leaves ~KEEP of it distinct
     topk = ["--method", "topk", "--fraction", KEEP]
     scs = ["--method", "scs", "--total_size", len(usable), "--unique_fraction", KEEP]
-    methods = {  # label -> (subset name, score file, sampling flags)
-        "no filter": ("no_filter", "clip", ["--method", "topk", "--fraction", 1.0]),
-        "random": ("random", "random", topk),
-        "CLIP-score top-k": ("clip_topk", "clip", topk),
-        "FLYT + SCS": ("flyt_scs", "flyt", scs),
-        "M-FLYT + SCS": ("mflyt_scs", "mflyt", scs),
-        "M-FLYT + top-k": ("mflyt_topk", "mflyt", topk),
-        "oracle: clean first": ("oracle", "oracle", topk),
+    clip_score = ["--scores", data / "scores", "--score_column", CLIP_SCORE]
+    methods = {  # label -> (subset name, score flags, sampling flags)
+        "no filter": ("no_filter", clip_score, ["--method", "topk", "--fraction", 1.0]),
+        "random": ("random", ["--scores", data / "random_scores.parquet"], topk),
+        "CLIP-score top-k": ("clip_topk", clip_score, topk),
+        "FLYT + SCS": ("flyt_scs", ["--scores", data / "flyt_scores.parquet"], scs),
+        "M-FLYT + SCS": ("mflyt_scs", ["--scores", data / "mflyt_scores.parquet"], scs),
+        "M-FLYT + top-k": ("mflyt_topk", ["--scores", data / "mflyt_scores.parquet"], topk),
+        "oracle: clean first": ("oracle", ["--scores", data / "oracle_scores.parquet"], topk),
     }
     subsets = data / "subsets"
     for name, scores, flags in methods.values():
-        step("sample", "--scores", data / f"{scores}_scores.parquet", *flags, "--seed", seed,
-             "--output", subsets / f"{name}.npy")
+        step("sample", *scores, *flags, "--seed", seed, "--output", subsets / f"{name}.npy")
 
-    # 6. train a CLIP per subset and seed on the same budget, evaluate zero-shot on the held-out split
-    runs_of = [(label, s, name, f"clip_{name}_seed{s}") for label, (name, _, _) in methods.items()
-               for s in range(plan.oracle_seeds if name == "oracle" else plan.seeds)]
+    # 6. per seed, one CLIP per subset on the same budget (steps x batch: samples seen, as in DataComp), all
+    # started from the same seed so that each seed is a paired comparison; zero-shot eval on the held-out split
+    runs_of = [(label, s, name, f"clip_{name}_seed{s}") for s in range(plan.seeds)
+               for label, (name, _, _) in methods.items()]
     step.parallel({exp: [
         ["train-clip", "--upstream_data_dir", data / "pool", "--subset", subsets / f"{name}.npy",
          "--model", model, "--output_dir", runs, "--exp_name", exp, "--steps", plan.clip_steps, "--batch_size",
@@ -263,9 +238,9 @@ def run(args: argparse.Namespace) -> int:
          "--datacomp_eval_dir", data / "tasks", "--downstream_task_names", "digits", "--output",
          runs / exp / "eval.jsonl", "--workers", 0]]
         for _, s, name, exp in runs_of}, f"training and evaluating {len(runs_of)} CLIPs")
-    results = [{"method": label, "seed": s,
+    results = [{"method": label, "subset": name, "seed": s, "run": exp,
                 "acc1": json.loads((runs / exp / "eval.jsonl").read_text().splitlines()[0])["metrics"]["acc1"]}
-               for label, s, _, exp in runs_of]
+               for label, s, name, exp in runs_of]
 
     report = write_report(root, plan, truth, results, step.commands, fields, time.time() - start)
     print(f"flyt demo: done in {time.time() - start:.0f} s; report: {report}")
