@@ -335,3 +335,22 @@ def test_a_killed_run_continues_and_ends_with_the_same_subset(tmp_path, monkeypa
     assert sample(folder, tmp_path / "s.npy", *METHODS["scs"]) == 0
     assert scans == [] and (tmp_path / "s.npy").read_bytes() == (tmp_path / "clean.npy").read_bytes()
     assert not work.exists()
+
+
+
+def test_out_of_core_on_a_local_ray_equals_in_memory(tmp_path, monkeypatch):
+    """``--engine ray`` (the command starts a local Ray): the per-file passes run as Ray tasks and the
+    subset, counts and figures are the in-memory path's. Mutation caught: ``RayExecutor`` dropping the
+    last result of each batch of units (a file's pass output never arrives)."""
+    frame = make_pool(3000)
+    frame.to_parquet(tmp_path / "whole.parquet")
+    flags = METHODS["scs at a unique fraction"]
+    assert sample(tmp_path / "whole.parquet", tmp_path / "memory.npy", *flags) == 0
+    expected = outputs(tmp_path / "memory.npy")
+    assert expected[3] == "in memory"
+    monkeypatch.setattr(flyt.commands.sample, "_IN_MEMORY_BYTES", (10**12, 0))
+    folder = write_split(frame, tmp_path / "split", [700, 1500, 2200], seed=1)
+    assert sample(folder, tmp_path / "ray.npy", *flags, "--memory_limit", "1MB", "--engine", "ray") == 0
+    got = outputs(tmp_path / "ray.npy")
+    assert got[3].startswith("out of core") and got[0] == expected[0] and got[2] == expected[2]
+    pd.testing.assert_frame_equal(got[1], expected[1])
