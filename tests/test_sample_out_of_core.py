@@ -340,8 +340,9 @@ def test_a_killed_run_continues_and_ends_with_the_same_subset(tmp_path, monkeypa
 
 def test_out_of_core_on_a_local_ray_equals_in_memory(tmp_path, monkeypatch):
     """``--engine ray`` (the command starts a local Ray): the per-file passes run as Ray tasks and the
-    subset, counts and figures are the in-memory path's. Mutation caught: ``RayExecutor`` dropping the
-    last result of each batch of units (a file's pass output never arrives)."""
+    subset, counts and figures are the in-memory path's. Mutation caught: ``RayExecutor`` sending each
+    actor its batch without the first unit (that file's pass never runs). (Dropping a unit's *result*
+    goes unseen: the passes read each other's outputs from disk, not the returned statistics.)"""
     frame = make_pool(3000)
     frame.to_parquet(tmp_path / "whole.parquet")
     flags = METHODS["scs at a unique fraction"]
