@@ -129,12 +129,12 @@ def _pool_statistics(pool_dir: Path, out_dir: Path, base_ckpt: Path, model: str)
     import numpy as np
     import pandas as pd
     import torch
-    import webdataset as wds
     from collections import Counter
 
     from flyt.atomic import atomic_path
     from flyt.data.samples import decode_pair
     from flyt.data.shards import list_shards
+    from flyt.data.webdataset import tar_samples
     from flyt.models.networks import create_clip
 
     clip, _, preprocess, tokenizer = create_clip(model, str(base_ckpt))
@@ -142,7 +142,7 @@ def _pool_statistics(pool_dir: Path, out_dir: Path, base_ckpt: Path, model: str)
     frames = {}
     for shard in list_shards(pool_dir, "pool"):
         rows, skipped = [], Counter()
-        for raw in wds.tarfile_samples([{"url": shard}]):
+        for raw in tar_samples([shard]):
             sample = decode_pair(raw, skipped)
             if sample is not None:
                 rows.append(sample)

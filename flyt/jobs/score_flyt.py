@@ -27,9 +27,9 @@ def _shard_batches_class():
             self.shards, self.batch_size, self.preprocess, self.tokenizer = shards, batch_size, preprocess, tokenizer
 
         def __iter__(self):
-            info = torch.utils.data.get_worker_info()
-            first, step = (0, 1) if info is None else (info.id, info.num_workers)
-            for index in range(first, len(self.shards), step):  # an idle worker (more workers than shards) yields nothing
+            from flyt.streams.workers import worker_share
+
+            for index in worker_share(range(len(self.shards))):  # an idle worker (more workers than shards) yields nothing
                 yield from self._shard(index)
 
         def _shard(self, index: int):

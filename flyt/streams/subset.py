@@ -17,8 +17,9 @@ import torch
 import webdataset as wds
 
 from flyt.data.samples import decode_pair
-from flyt.streams.train import reraise_with_shard
 from flyt.data.subset import UID_DTYPE, load_subset, uids_to_array
+from flyt.data.webdataset import tar_samples
+from flyt.streams.workers import current_worker, worker_share
 
 
 class SubsetCounts:
@@ -44,11 +45,10 @@ class SubsetStream(torch.utils.data.IterableDataset):
         self.preprocess, self.tokenizer = preprocess, tokenizer
         self.seed, self.rank, self.world_size, self.shuffle_buffer = seed, rank, world_size, shuffle_buffer
 
-    def _selected(self, epoch: int, worker: int, workers: int, skipped: Counter):
+    def _selected(self, epoch: int, skipped: Counter):
         order = list(self.shards)
         random.Random(hash((self.seed, epoch))).shuffle(order)
-        mine = order[self.rank * workers + worker::self.world_size * workers]
-        for raw in wds.tarfile_samples(({"url": s} for s in mine), handler=reraise_with_shard):
+        for raw in tar_samples(worker_share(order, self.rank, self.world_size)):
             sample = decode_pair(raw, skipped)
             if sample is None:
                 continue
@@ -57,8 +57,7 @@ class SubsetStream(torch.utils.data.IterableDataset):
                 yield sample
 
     def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        worker = current_worker()[0]
         seed = hash((self.seed, self.rank, worker)) & 0x7FFFFFFF
         rng = random.Random(seed)
         torch.manual_seed(seed)
@@ -66,7 +65,7 @@ class SubsetStream(torch.utils.data.IterableDataset):
         while True:
             seen = 0
             for sample in wds.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=rng)(
-                    self._selected(epoch, worker, workers, skipped)):
+                    self._selected(epoch, skipped)):
                 seen += 1
                 batch.append(sample)
                 if len(batch) == self.batch_size:

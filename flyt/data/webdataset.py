@@ -1,0 +1,63 @@
+"""Reading WebDataset shards: every reader of flyt's tars goes through here.
+
+A sample is the run of consecutive tar members sharing a key (the member name up to the first dot of
+its base name); it comes back as a dict of lower-cased extension -> bytes plus ``__key__``.
+
+Two readers, one sample format: :func:`tar_samples` streams shards with webdataset's own iteration
+(the training and evaluation streams; it imports torch, as webdataset does); :func:`iter_tar` reads one
+local shard with random access, so ``only=("json",)`` seeks past the images instead of reading them,
+and it stays torch-free (``flyt score`` of an M-FLYT pool lists ids without loading torch).
+"""
+
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from flyt.errors import FlytError
+
+
+def reraise_with_shard(exc: Exception) -> bool:
+    """webdataset handler: an unreadable shard is a one-line error naming it."""
+    where = next((a for a in exc.args[1:] if isinstance(a, str)), "a shard")
+    raise FlytError(f"cannot read {where}: {exc.args[0] if exc.args else exc}") from None
+
+
+def tar_samples(shards: Iterable[str | dict]) -> Iterator[dict]:
+    """The samples of the shards in order (paths, or webdataset's ``{"url": ...}`` dicts, e.g. a resampled
+    stream of them), each with ``__url__``; an unreadable shard is a one-line :class:`FlytError`."""
+    import webdataset as wds
+
+    urls = ({"url": str(s)} if not isinstance(s, dict) else s for s in shards)
+    return wds.tarfile_samples(urls, handler=reraise_with_shard)
+
+
+def split_member(name: str) -> tuple[str, str] | None:
+    """(sample key, lower-cased extension) of a member name, or None for a name that is not a sample's
+    file (no extension, a hidden file): webdataset's rule, the key ending at the base name's first dot."""
+    directory, _, base = name.rpartition("/")
+    if "." not in base or base.startswith("."):
+        return None
+    stem, ext = base.split(".", 1)
+    return (f"{directory}/{stem}" if directory else stem), ext.lower()
+
+
+def iter_tar(path: str | Path, only: tuple[str, ...] | None = None) -> Iterator[dict]:
+    """The samples of one local shard, read with random access. With ``only``, the other members' data
+    is never read (a sample without any of them still comes back, with ``__key__`` alone)."""
+    with tarfile.open(path, "r") as tar:
+        sample = None
+        for member in tar:
+            split = split_member(member.name) if member.isfile() else None
+            if split is None:
+                continue
+            key, ext = split
+            if sample is None or sample["__key__"] != key:
+                if sample is not None:
+                    yield sample
+                sample = {"__key__": key}
+            if only is None or ext in only:
+                sample[ext] = tar.extractfile(member).read()
+        if sample is not None:
+            yield sample
