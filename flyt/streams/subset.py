@@ -17,7 +17,7 @@ import torch
 import webdataset as wds
 
 from flyt.data.samples import decode_pair
-from flyt.data.subset import UID_DTYPE, load_subset, uids_to_array
+from flyt.data.subset import UID_DTYPE, load_subset, sort_order, uids_to_array
 from flyt.data.webdataset import tar_samples
 from flyt.streams.workers import current_worker, worker_share
 
@@ -34,6 +34,37 @@ class SubsetCounts:
         key = uids_to_array([uid])[0]
         i = int(np.searchsorted(self.keys, np.array(key, dtype=UID_DTYPE)))
         return int(self.counts[i]) if i < len(self.keys) and self.keys[i] == key else 0
+
+
+class SeenUids:
+    """How often each uid was trained on: sorted ``u8,u8`` uids and their counts, no Python object per
+    sample. Batches wait in a buffer that is merged in once it outgrows the merged part (amortised
+    O(n log n) over a run, memory twice the distinct uids at most)."""
+
+    def __init__(self):
+        self.uids, self.counts = np.zeros(0, UID_DTYPE), np.zeros(0, np.int64)
+        self._pending: list[np.ndarray] = []
+        self._waiting = 0
+
+    def add(self, uids: list[str]) -> None:
+        self._pending.append(uids_to_array(uids))
+        self._waiting += len(uids)
+        if self._waiting >= max(1 << 16, len(self.uids)):
+            self._merge()
+
+    def _merge(self) -> None:
+        rows = np.concatenate([self.uids, *self._pending])
+        weights = np.concatenate([self.counts, np.ones(self._waiting, np.int64)])
+        order = sort_order(rows)
+        rows, weights = rows[order], weights[order]
+        starts = np.flatnonzero(np.concatenate([[True], rows[1:] != rows[:-1]]))
+        self.uids, self.counts = rows[starts], np.add.reduceat(weights, starts) if len(rows) else weights
+        self._pending, self._waiting = [], 0
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """(sorted distinct uids, how often each was seen)."""
+        self._merge()
+        return self.uids, self.counts
 
 
 class SubsetStream(torch.utils.data.IterableDataset):
