@@ -70,11 +70,26 @@ def test_both_readers_give_webdatasets_samples(tmp_path):
 
 
 def test_an_unreadable_shard_is_one_line_naming_it(tmp_path):
-    """Mutation run: ``tar_samples`` without ``handler=reraise_with_shard`` (webdataset's own error: fails)."""
+    """A file that is no tar, and a sample with two members of one extension (one would be lost): both
+    readers refuse them in one line naming the shard.
+
+    Mutations run: ``tar_samples`` without ``handler=reraise_with_shard`` (webdataset's own error: fails);
+    ``iter_tar`` without its duplicate check (the second ``.txt`` silently wins: fails).
+    """
     bad = tmp_path / "bad.tar"
     bad.write_bytes(b"not a tar at all" * 100)
     with pytest.raises(FlytError, match=r"cannot read .*bad\.tar"):
         list(tar_samples([str(bad)]))
+    twice = tmp_path / "twice.tar"
+    with tarfile.open(twice, "w") as tar:
+        for name in ("a.json", "a.txt", "a.txt"):
+            info = tarfile.TarInfo(name)
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"x"))
+    for read in (lambda: list(tar_samples([str(twice)])), lambda: list(iter_tar(twice, only=("json",)))):
+        with pytest.raises(FlytError, match=r"cannot read .*twice\.tar.*(two \.txt|duplicate)") as err:
+            read()
+        assert "\n" not in str(err.value)
 
 
 @settings(max_examples=50, deadline=None)

@@ -18,19 +18,23 @@ from typing import Iterable, Iterator
 from flyt.errors import FlytError
 
 
-def reraise_with_shard(exc: Exception) -> bool:
-    """webdataset handler: an unreadable shard is a one-line error naming it."""
-    where = next((a for a in exc.args[1:] if isinstance(a, str)), "a shard")
-    raise FlytError(f"cannot read {where}: {exc.args[0] if exc.args else exc}") from None
-
-
 def tar_samples(shards: Iterable[str | dict]) -> Iterator[dict]:
     """The samples of the shards in order (paths, or webdataset's ``{"url": ...}`` dicts, e.g. a resampled
-    stream of them), each with ``__url__``; an unreadable shard is a one-line :class:`FlytError`."""
+    stream of them), each with ``__url__``; an unreadable shard is a one-line :class:`FlytError` naming it."""
     import webdataset as wds
 
-    urls = ({"url": str(s)} if not isinstance(s, dict) else s for s in shards)
-    return wds.tarfile_samples(urls, handler=reraise_with_shard)
+    reading = ["a shard"]  # the shard being read: webdataset's grouping errors do not name it
+
+    def urls():
+        for shard in shards:
+            source = shard if isinstance(shard, dict) else {"url": str(shard)}
+            reading[0] = source["url"]
+            yield source
+
+    def reraise_with_shard(exc: Exception) -> bool:
+        raise FlytError(f"cannot read {reading[0]}: {exc.args[0] if exc.args else exc}") from None
+
+    return wds.tarfile_samples(urls(), handler=reraise_with_shard)
 
 
 def split_member(name: str) -> tuple[str, str] | None:
@@ -56,7 +60,10 @@ def iter_tar(path: str | Path, only: tuple[str, ...] | None = None) -> Iterator[
             if sample is None or sample["__key__"] != key:
                 if sample is not None:
                     yield sample
-                sample = {"__key__": key}
+                sample, exts = {"__key__": key}, set()
+            if ext in exts:  # webdataset refuses it too: one of the two would be lost
+                raise FlytError(f"cannot read {path}: sample {key} has two .{ext} members")
+            exts.add(ext)
             if only is None or ext in only:
                 sample[ext] = tar.extractfile(member).read()
         if sample is not None:
