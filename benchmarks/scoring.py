@@ -144,7 +144,7 @@ def bench_flyt(args, root: Path) -> None:
     from flyt.data.samples import decode_pair
     from flyt.models.networks import ScorerSpec, build_scorer
     from flyt.jobs.score_flyt import _cpu_count, forward_scores, val_transforms
-    from flyt.data.pool import iter_tar
+    from flyt.data.webdataset import iter_tar
 
     started = time.perf_counter()
     torch.manual_seed(0)

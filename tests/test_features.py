@@ -90,7 +90,7 @@ def _assert_same(a: Path, b: Path) -> None:
 
 def _direct_embeddings(exp, teacher: str):
     """Per pool sample (uid order of the pool) and target image: fp32 embeddings straight from the model."""
-    from flyt.data.pool import iter_tar
+    from flyt.data.webdataset import iter_tar
     from flyt.data.samples import decode_labelled, decode_pair
     from flyt.models.networks import create_clip
 

@@ -24,7 +24,7 @@ from flyt.cli import main as cli
 from flyt.data.samples import decode_pair
 from flyt.data.scores import ScoreLookup
 from flyt.errors import FlytError
-from flyt.data.pool import iter_tar
+from flyt.data.webdataset import iter_tar
 from flyt.data.subset import load_subset, save_subset
 from flyt.commands.train_clip import check_not_resharded_from
 
@@ -98,7 +98,7 @@ def test_score_rows_are_found_by_the_json_key(exp):
     for tar in sorted(exp["resharded"].glob("*.tar")):
         for raw in iter_tar(tar):
             sample = decode_pair(raw, Counter(), need_image=False)
-            assert np.array_equal(lookup(sample["key"], sample["uid"]), rows.loc[sample["uid"], FIELDS].to_numpy())
+            assert np.array_equal(lookup.rows([sample["key"]], [sample["uid"]])[0], rows.loc[sample["uid"], FIELDS].to_numpy())
 
 
 @pytest.fixture(scope="module")

@@ -176,20 +176,20 @@ def test_mflyt_missing_score_rows_are_counted_and_uid_join_and_whole_folder_inde
 
 
 def test_id_lookups_match_a_plain_dictionary():
-    """Both joins (one score file's ``index_in``, a whole folder's hashed-once index) against a dict.
+    """Both joins (one score file's ``index_in``, a whole folder's sorted-once index) against a dict.
 
     Mutations run: the same-order shortcut returning positions for any query of equal length (fails the
-    permuted rows); ``FolderIds`` keeping the last of repeated ids (fails the repeats); missing ids mapped to 0
-    by ``fill_null(0)`` (fails the absent ids); ``FolderIds`` returning ``rows[pos]`` without the -1 check (fails
-    the absent ids).
+    permuted rows); missing ids mapped to 0 by ``fill_null(0)`` (fails the absent ids); ``IdIndex`` sorting
+    with an unstable sort and keeping the last of repeated ids (``first[:-1] = ids[1:] != ids[:-1]``: fails the
+    repeats); ``IdIndex`` without the equality check after the search (fails the absent ids).
     """
-    from flyt.jobs.score_mflyt import FolderIds, positions
+    from flyt.data.input_scores import IdIndex, positions
 
     rng = np.random.default_rng(0)
     uids = [rng.bytes(16).hex() for _ in range(500)]
     keys = [f"00000007{i:04d}" for i in range(500)]
     words = [f"k{i}" for i in range(500)]
-    for lookup in (positions, lambda values, query: FolderIds(values)(query)):
+    for lookup in (positions, lambda values, query: IdIndex(values)(query)):
         for values in (uids, keys, words):
             for order in (np.arange(500), rng.permutation(500)):
                 table = [values[i] for i in order]

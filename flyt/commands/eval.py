@@ -171,10 +171,10 @@ def classification_metrics(logits, labels, num_classes: int | None = None) -> di
 
 def _test_stream(shards: list[str], preprocess: Callable, batch_size: int, task):
     import torch
-    import webdataset as wds
 
     from flyt.data.samples import decode_labelled
-    from flyt.streams.train import reraise_with_shard
+    from flyt.data.webdataset import tar_samples
+    from flyt.streams.workers import current_worker, worker_share
 
     num_classes = len(task.classnames)
 
@@ -185,13 +185,10 @@ def _test_stream(shards: list[str], preprocess: Callable, batch_size: int, task)
         """
 
         def __iter__(self):
-            info = torch.utils.data.get_worker_info()
-            worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+            worker, workers = current_worker()
             by_shard = len(shards) >= workers
-            mine = shards[worker::workers] if by_shard else shards
             skipped, images, labels = Counter(), [], []
-            raw_samples = wds.tarfile_samples(({"url": s} for s in mine), handler=reraise_with_shard)
-            for i, raw in enumerate(raw_samples):
+            for i, raw in enumerate(tar_samples(worker_share(shards) if by_shard else shards)):
                 if not by_shard and i % workers != worker:
                     continue
                 sample = decode_labelled(raw, skipped)

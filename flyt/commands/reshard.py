@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 
 from flyt import __version__
 from flyt.atomic import atomic_path
-from flyt.data.pool import member_name
+from flyt.data.webdataset import member_name
 from flyt.data.shards import list_shards
 from flyt.errors import FlytError
 from flyt.data.subset import load_subset, uids_to_array

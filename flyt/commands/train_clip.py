@@ -51,8 +51,9 @@ def check_not_resharded_from(upstream_data_dir: str, subset: str) -> None:
               f"--subset {subset} selects from it, each repeat of the reshard counted again", file=sys.stderr)
 
 
-def train_clip(cfg) -> tuple[dict, dict[str, int]]:
-    """Train; returns a summary and how often each uid was seen (what the subset asked for)."""
+def train_clip(cfg):
+    """Train; returns a summary and how often each uid was seen (what the subset asked for), as sorted
+    ``u8,u8`` uids and their counts."""
     import time
     from pathlib import Path
 
@@ -64,7 +65,7 @@ def train_clip(cfg) -> tuple[dict, dict[str, int]]:
 
     from flyt.models import checkpoint
     from flyt.data.shards import parse_sources
-    from flyt.streams.subset import SubsetCounts, SubsetStream
+    from flyt.streams.subset import SeenUids, SubsetCounts, SubsetStream
     from flyt.errors import FlytError
     from flyt.models.networks import create_clip
     from flyt.method.optim import AdamWConfig, decays
@@ -92,7 +93,7 @@ def train_clip(cfg) -> tuple[dict, dict[str, int]]:
     run_dir = Path(cfg.output_dir) / cfg.run_name
     run_dir.mkdir(parents=True, exist_ok=True)
     log = (run_dir / "metrics.jsonl").open("w")
-    start, skipped, seen = time.time(), {}, {}
+    start, skipped, seen = time.time(), {}, SeenUids()
     model.train()
     batches = iter(loader)
     with progress.bar(total=cfg.steps, desc="flyt train-clip", unit="step") as bar:
@@ -102,8 +103,7 @@ def train_clip(cfg) -> tuple[dict, dict[str, int]]:
             except StopIteration:
                 raise FlytError(f"--subset {cfg.subset} selects no sample of {cfg.upstream_data_dir}") from None
             skipped[batch["worker"]] = batch["skipped"]
-            for uid in batch["uid"]:
-                seen[uid] = seen.get(uid, 0) + 1
+            seen.add(batch["uid"])
             schedule(step)
             with autocast(cfg.precision, device):
                 img, txt, scale = model(batch["image"].to(device), batch["text"].to(device))
@@ -128,9 +128,10 @@ def train_clip(cfg) -> tuple[dict, dict[str, int]]:
     log.close()
     path = run_dir / "checkpoints" / "epoch_latest.pt"
     checkpoint.save_clip(path, model, optimizer, cfg.steps, cfg.run_name)
+    uids, counts = seen.result()
     return {"checkpoint": str(path), "steps": cfg.steps, "seconds": round(time.time() - start, 1),
-            "final_loss": last, "unique_samples_seen": len(seen),
-            "skipped_samples": sum(sum(c.values()) for c in skipped.values())}, seen
+            "final_loss": last, "unique_samples_seen": len(uids),
+            "skipped_samples": sum(sum(c.values()) for c in skipped.values())}, (uids, counts)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,6 +12,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from flyt.data.subset import as_strings, valid_uids
+from flyt.data.webdataset import iter_tar
 from flyt.errors import FlytError
 
 
@@ -47,102 +49,6 @@ def pool_shards(spec: str) -> list[Shard]:
             raise FlytError(f"--upstream_data_dir: several shards would write the output {repeated[0]}.parquet; "
                             "score the sources separately")
     return [Shard(p, n) for p, n in zip(paths, names)]
-
-
-def member_name(name: str) -> tuple[str, str]:
-    """(sample key, extension) of a tar member, as WebDataset splits it: the key ends at the base name's
-    first dot (``a/b.seg.png`` -> ``a/b``, ``seg.png``); consecutive members sharing a key form a sample."""
-    folder, slash, base = name.rpartition("/")
-    stem, _, ext = base.partition(".")
-    return folder + slash + stem, ext
-
-
-def iter_tar(path: Path, only: tuple[str, ...] | None = None):
-    """The samples of a WebDataset shard: dicts of extension -> bytes plus ``__key__`` (consecutive members
-    sharing a key form a sample). With ``only``, the other members' data is never read."""
-    import tarfile
-
-    with tarfile.open(path, "r") as tar:
-        sample = None
-        for member in tar:
-            if not member.isfile():
-                continue
-            base = member.name.rpartition("/")[2]
-            if "." not in base or base.startswith("."):
-                continue
-            key, ext = member_name(member.name)
-            if sample is None or sample["__key__"] != key:
-                if sample is not None:
-                    yield sample
-                sample = {"__key__": key}
-            ext = ext.lower()
-            if only is None or ext in only:
-                sample[ext] = tar.extractfile(member).read()
-        if sample is not None:
-            yield sample
-
-
-def as_strings(column):
-    """A pyarrow (chunked) column as one string (or large_string) array."""
-    import pyarrow as pa
-
-    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    if pa.types.is_dictionary(array.type):
-        array = array.dictionary_decode()
-    if not (pa.types.is_string(array.type) or pa.types.is_large_string(array.type)):
-        array = array.cast(pa.string())
-    return array
-
-
-def _offsets(array):
-    import numpy as np
-    import pyarrow as pa
-
-    dtype = np.int64 if pa.types.is_large_string(array.type) else np.int32
-    return np.frombuffer(array.buffers()[1], dtype=dtype)[array.offset: array.offset + len(array) + 1]
-
-
-def _fixed_chars(array, width: int):
-    """(n, width) uint8 view of a string array whose every value is ``width`` bytes long, or None."""
-    import numpy as np
-    import pyarrow.compute as pc
-
-    n = len(array)
-    if array.null_count:
-        return None
-    if n == 0:
-        return np.zeros((0, width), np.uint8)
-    lengths = pc.binary_length(array)
-    lo_hi = pc.min_max(lengths).as_py()
-    if lo_hi["min"] != width or lo_hi["max"] != width:
-        return None
-    start = int(_offsets(array)[0])
-    data = np.frombuffer(array.buffers()[2], dtype=np.uint8)
-    return data[start: start + n * width].reshape(n, width)
-
-
-def valid_uids(uids):
-    """(lower-case uid array, mask of well-formed uids: 32 hex characters, not null)."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    uids = as_strings(uids)
-    chars = _fixed_chars(uids, 32)
-    good_len = None
-    if chars is None:  # some uid is null or not 32 bytes long: check the others
-        good_len = pc.fill_null(pc.equal(pc.binary_length(uids), 32), False)
-        chars = _fixed_chars(as_strings(pc.if_else(good_len, uids, pa.scalar("0" * 32))), 32)
-    lower = ((chars - np.uint8(ord("0"))) < 10) | ((chars - np.uint8(ord("a"))) < 6)  # uint8 wraps below '0', 'a'
-    mask = np.ones(len(uids), bool) if lower.all() else lower.all(axis=1)
-    if not mask.all():
-        upper = lower | ((chars - np.uint8(ord("A"))) < 6)
-        if upper.all(axis=1).sum() > mask.sum():
-            mask = upper.all(axis=1)
-            uids = pc.utf8_lower(uids)
-    if good_len is not None:
-        mask &= good_len.to_numpy(zero_copy_only=False)
-    return uids, mask
 
 
 def shard_ids(shard: Shard) -> tuple[object, object, Counter]:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import io
 import json
-import re
 from collections import Counter
 
 from PIL import Image
 
+from flyt.data.subset import is_uid
+
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
-UID_RE = re.compile(r"^[0-9a-f]{32}$")
 
 
 def _image(raw: dict):
@@ -49,7 +49,7 @@ def decode_pair(raw: dict, skipped: Counter, need_image: bool = True) -> dict | 
         uid = str(meta["uid"]).lower()
     except Exception:
         meta, uid = {}, ""
-    if not UID_RE.match(uid):
+    if not is_uid(uid):
         skipped["missing_uid"] += 1
         return None
     return {"image": image, "text": text, "uid": uid, "key": pool_key(meta, raw["__key__"])}

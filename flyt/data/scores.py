@@ -1,75 +1,74 @@
-"""M-FLYT input scores: per-example score vectors joined to pool samples by img2dataset key (or uid).
+"""M-FLYT input scores for training: each upstream batch's score vectors, looked up by key (or uid).
 
-Original layout: ``PARQUET_DIR/<first 8 chars of key>_scores.parquet``, loaded lazily per shard. Any
-other set of parquet files (e.g. the released dataset) is indexed whole on first use. Columns may have
-any numeric dtype; vectors come back as float64 (the model casts them). Several folders joined by
-``::`` (the released scores beside ``flyt features`` output) each give the columns their files hold.
+The files are read and joined by :mod:`flyt.data.input_scores`, the same code ``flyt score`` uses. The
+per-shard layout reads a file when a batch first needs it (and keeps the last few); any other layout is
+indexed whole on first use, in arrays: a loader worker holds no Python object per row. Columns may have
+any numeric dtype; vectors come back as float64 (the model casts them).
+Several folders joined by ``::`` (the released scores beside ``flyt features`` output) each give the
+columns their files hold.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from flyt.data.input_scores import IdIndex, column_values, read_folder, score_files, shard_file
 from flyt.errors import FlytError
 
-
-def read_score_table(path: Path, fields: list[str]) -> tuple[str, np.ndarray, np.ndarray]:
-    """(join column, ids, float64 matrix) of one parquet file; the join column is ``key`` or else ``uid``."""
-    names = pq.read_schema(path).names
-    join = "key" if "key" in names else "uid" if "uid" in names else None
-    if join is None:
-        raise FlytError(f"{path} has neither a 'key' nor a 'uid' column to join scores on (has: {', '.join(names)})")
-    missing = [f for f in fields if f not in names]
-    if missing:
-        raise FlytError(f"{path} lacks --parquet_fields column(s) {', '.join(missing)} (has: {', '.join(names)})")
-    table = pq.read_table(path, columns=[join, *fields])
-    ids = np.asarray(table.column(join).to_pylist(), dtype=object)
-    try:
-        values = np.column_stack([table.column(f).to_numpy(zero_copy_only=False).astype(np.float64) for f in fields])
-    except (TypeError, ValueError) as exc:
-        raise FlytError(f"{path}: --parquet_fields must be numeric columns ({exc})") from None
-    return join, ids, values
+_OPEN_FILES = 64  # per-shard files kept loaded per process: a stream reads a few shards at a time
 
 
 class ScoreLookup:
-    """key/uid -> score vector, reading only the files the samples seen so far need."""
+    """(key, uid) batches -> float64 score matrices, reading only the files the samples seen so far need."""
 
     def __init__(self, parquet_dir: str | Path, fields: list[str]):
-        self.dir = Path(parquet_dir)
-        if not self.dir.is_dir():
-            raise FlytError(f"--parquet_dir {self.dir} is not a folder")
         if not fields:
             raise FlytError("--parquet_fields: name at least one score column")
+        self.dir, self.per_shard, self._files = score_files(parquet_dir)
         self.fields = list(fields)
-        self.per_shard = any(self.dir.glob("*_scores.parquet"))
-        if not self.per_shard and not any(self.dir.rglob("*.parquet")):
-            raise FlytError(f"--parquet_dir {self.dir} holds no .parquet files")
-        self._tables: dict[str, tuple[str, dict]] = {}
+        self._tables: OrderedDict[str, tuple[str, IdIndex, np.ndarray]] = OrderedDict()
 
-    def _table(self, name: str, paths: list[Path]) -> tuple[str, dict]:
-        if name not in self._tables:
-            join, index = None, {}
-            for path in paths:
-                join, ids, values = read_score_table(path, self.fields)
-                index.update(zip(ids.tolist(), values))
-            self._tables[name] = (join, index)
+    def _matrix(self, table: pa.Table) -> np.ndarray:
+        return np.column_stack([column_values(table, f) for f in self.fields])
+
+    def _table(self, name: str, paths: list[Path]) -> tuple[str, IdIndex, np.ndarray]:
+        if name in self._tables:
+            self._tables.move_to_end(name)
+        else:
+            self._tables[name] = read_folder(self.dir, paths, self.fields, self._matrix)
+            if len(self._tables) > _OPEN_FILES:
+                self._tables.popitem(last=False)
         return self._tables[name]
 
-    def __call__(self, key: str, uid: str) -> np.ndarray:
-        if self.per_shard:
-            path = self.dir / f"{key[:8]}_scores.parquet"
-            if not path.exists():
-                raise FlytError(f"no M-FLYT score file {path} for sample key {key}")
-            where, (join, index) = path, self._table(path.name, [path])
-        else:
-            where, (join, index) = self.dir, self._table("*", sorted(self.dir.rglob("*.parquet")))
-        row = index.get(key if join == "key" else uid)
-        if row is None:
-            raise FlytError(f"no M-FLYT score row for {join} {key if join == 'key' else uid} in {where}")
-        return row
+    def rows(self, keys: list[str], uids: list[str]) -> np.ndarray:
+        """The (len(keys), len(fields)) score matrix of a batch, in its order."""
+        keys, uids = pa.array(keys, pa.string()), pc.utf8_lower(pa.array(uids, pa.string()))
+        out = np.empty((len(keys), len(self.fields)))
+        if not self.per_shard:
+            out[:] = self._join(self._table("*", self._files), keys, uids, self.dir)
+            return out
+        prefixes = pc.utf8_slice_codeunits(keys, 0, 8)
+        for prefix in pc.unique(prefixes).to_pylist():
+            mine = pc.equal(prefixes, prefix)
+            where = np.flatnonzero(mine.to_numpy(zero_copy_only=False))
+            path = shard_file(self.dir, keys[int(where[0])].as_py())
+            out[where] = self._join(self._table(path.name, [path]), keys.filter(mine), uids.filter(mine), path)
+        return out
+
+    @staticmethod
+    def _join(table: tuple[str, IdIndex, np.ndarray], keys: pa.Array, uids: pa.Array, where: Path) -> np.ndarray:
+        join, index, values = table
+        query = keys if join == "key" else uids
+        pos = index(query)
+        if (pos < 0).any():
+            raise FlytError(f"no M-FLYT score row for {join} {query[int(np.argmax(pos < 0))].as_py()} in {where}")
+        return values[pos]
 
 
 def open_scores(parquet_dir: str, fields: list[str]):
@@ -101,8 +100,9 @@ class ScoreFolders:
             where = [j for j, f in enumerate(fields) if owner[f] == d]
             self.parts.append((ScoreLookup(d, [fields[j] for j in where]), where))
 
-    def __call__(self, key: str, uid: str) -> np.ndarray:
-        row = np.empty(len(self.fields))
+    def rows(self, keys: list[str], uids: list[str]) -> np.ndarray:
+        """The (len(keys), len(fields)) score matrix of a batch, each folder's columns from its own files."""
+        out = np.empty((len(keys), len(self.fields)))
         for lookup, where in self.parts:
-            row[where] = lookup(key, uid)
-        return row
+            out[:, where] = lookup.rows(keys, uids)
+        return out

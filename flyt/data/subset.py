@@ -1,4 +1,6 @@
-"""The DataComp subset format: uids as pairs of unsigned 64-bit ints, sorted, one row per occurrence.
+"""The DataComp subset format, and the uid codec every module uses: validate, parse, format.
+
+A subset is uids as pairs of unsigned 64-bit ints, sorted, one row per occurrence.
 
 A uid is 32 lowercase hex characters; it is stored as ``(int(uid[:16], 16), int(uid[16:], 16))`` in a
 NumPy structured array of dtype ``u8,u8``, sorted lexicographically and saved with ``np.save``.
@@ -23,12 +25,66 @@ UID_DTYPE = np.dtype("u8,u8")
 UID_LENGTH = 32
 
 _HEX_CODES = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+_HEX_SET = frozenset("0123456789abcdef")
 _EXPECTED = f"expected {UID_LENGTH} lowercase hex characters"
 _CHUNK = 1 << 20  # uids decoded per step, bounding the temporaries to 16 MB
 
 
+def is_uid(text: str) -> bool:
+    """Whether one string is a uid as stored: 32 lowercase hex characters (for a sample decoded alone)."""
+    return len(text) == UID_LENGTH and _HEX_SET.issuperset(text)
+
+
+def as_strings(column) -> pa.Array:
+    """A pyarrow (chunked) column as one string (or large_string) array."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if pa.types.is_dictionary(array.type):
+        array = array.dictionary_decode()
+    if not (pa.types.is_string(array.type) or pa.types.is_large_string(array.type)):
+        array = array.cast(pa.string())
+    return array
+
+
+def fixed_chars(array: pa.Array, width: int) -> np.ndarray | None:
+    """A zero-copy (n, width) uint8 view of a string array whose every value is ``width`` bytes, else None."""
+    if array.null_count:
+        return None
+    n = len(array)
+    if n == 0:
+        return np.zeros((0, width), np.uint8)
+    lengths = pc.min_max(pc.binary_length(array)).as_py()
+    if lengths["min"] != width or lengths["max"] != width:
+        return None
+    offset_dtype = np.int64 if pa.types.is_large_string(array.type) else np.int32
+    start = int(np.frombuffer(array.buffers()[1], dtype=offset_dtype)[array.offset])
+    data = np.frombuffer(array.buffers()[2], dtype=np.uint8)  # every value is `width` bytes: one contiguous block
+    return data[start : start + n * width].reshape(n, width)
+
+
+def valid_uids(uids) -> tuple[pa.Array, np.ndarray]:
+    """Validate without refusing: (lower-case uid strings, mask of the well-formed ones: 32 hex characters,
+    not null). A column written in upper case is lower-cased; the caller skips and counts the others."""
+    uids = as_strings(uids)
+    chars = fixed_chars(uids, UID_LENGTH)
+    good_len = None
+    if chars is None:  # some uid is null or not 32 bytes long: check the others
+        good_len = pc.fill_null(pc.equal(pc.binary_length(uids), UID_LENGTH), False)
+        chars = fixed_chars(as_strings(pc.if_else(good_len, uids, pa.scalar("0" * UID_LENGTH))), UID_LENGTH)
+    lower = ((chars - np.uint8(ord("0"))) < 10) | ((chars - np.uint8(ord("a"))) < 6)  # uint8 wraps below '0', 'a'
+    mask = np.ones(len(uids), bool) if lower.all() else lower.all(axis=1)
+    if not mask.all():
+        upper = lower | ((chars - np.uint8(ord("A"))) < 6)
+        if upper.all(axis=1).sum() > mask.sum():
+            mask = upper.all(axis=1)
+            uids = pc.utf8_lower(uids)
+    if good_len is not None:
+        mask &= good_len.to_numpy(zero_copy_only=False)
+    return uids, mask
+
+
 def uids_to_array(uids) -> np.ndarray:
-    """Uid strings (list, NumPy, Arrow or chunked Arrow array) -> ``u8,u8`` array, same order (not sorted)."""
+    """Parse, refusing any malformed uid: strings (list, NumPy, Arrow or chunked Arrow array) -> ``u8,u8``
+    array, same order (not sorted)."""
     if isinstance(uids, pa.ChunkedArray):
         chunks = uids.chunks
     elif isinstance(uids, pa.Array):
@@ -61,29 +117,22 @@ def uids_to_array(uids) -> np.ndarray:
 
 
 def _uid_chars(uids: pa.Array, first_row: int) -> np.ndarray:
-    """A zero-copy (n, 32) uint8 view of the characters of an Arrow array of 32-byte strings."""
+    """The (n, 32) uint8 characters of an Arrow array of uids, or a one-line error naming the first bad row."""
     if getattr(pa.types, "is_string_view", lambda _: False)(uids.type):
         uids = uids.cast(pa.large_string())
     if not (pa.types.is_string(uids.type) or pa.types.is_large_string(uids.type)):
         raise FlytError(f"uids must be strings, got type {uids.type}; {_EXPECTED}")
-    n = len(uids)
-    if n == 0:
-        return np.empty((0, UID_LENGTH), dtype=np.uint8)
+    chars = fixed_chars(uids, UID_LENGTH)
+    if chars is not None:
+        return chars
     if uids.null_count:
         row = first_row + int(np.flatnonzero(uids.is_null().to_numpy(zero_copy_only=False))[0])
         raise FlytError(f"uid at row {row} is missing (null); {_EXPECTED}")
-    offset_dtype = np.int64 if pa.types.is_large_string(uids.type) else np.int32
-    offsets = np.frombuffer(uids.buffers()[1], dtype=offset_dtype)[uids.offset : uids.offset + n + 1]
-    lengths = np.diff(offsets)  # from the offsets buffer: no compute kernel, no pandas import behind to_numpy
-    bad = np.flatnonzero(lengths != UID_LENGTH)
-    if bad.size:
-        i = int(bad[0])
-        raise FlytError(
-            f"malformed uid at row {first_row + i}: {uids[i].as_py()!r} is {lengths[i]} bytes long; {_EXPECTED}"
-        )
-    data = np.frombuffer(uids.buffers()[2], dtype=np.uint8)
-    start = int(offsets[0])  # every uid is 32 bytes, so the characters are one contiguous block
-    return data[start : start + n * UID_LENGTH].reshape(n, UID_LENGTH)
+    lengths = pc.binary_length(uids).to_numpy()
+    i = int(np.flatnonzero(lengths != UID_LENGTH)[0])  # none is null, so some uid has another length
+    raise FlytError(
+        f"malformed uid at row {first_row + i}: {uids[i].as_py()!r} is {lengths[i]} bytes long; {_EXPECTED}"
+    )
 
 
 def array_to_uids(arr: np.ndarray) -> pa.Array:

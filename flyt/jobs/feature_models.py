@@ -78,7 +78,7 @@ def _target_embeddings(s, state) -> dict:
     """Per teacher, the float16 image embeddings of every decodable training image of the target tasks."""
     import torch
 
-    from flyt.data.pool import iter_tar
+    from flyt.data.webdataset import iter_tar
     from flyt.data.samples import decode_labelled
 
     teachers = state["teachers"]

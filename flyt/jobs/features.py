@@ -369,7 +369,7 @@ class FeaturesJob(Job):
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
-        from flyt.data.pool import valid_uids
+        from flyt.data.subset import valid_uids
 
         sources = [c.source for c in self.s.columns if c.score == "meta"]
         table = pq.read_table(shard.metadata, columns=["uid", *sources])

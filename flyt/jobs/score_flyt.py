@@ -9,7 +9,8 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from flyt.data.pool import Shard, first_copies, iter_tar
+from flyt.data.pool import Shard, first_copies
+from flyt.data.webdataset import iter_tar
 from flyt.data.score_files import Output, shard_stats, write_shard
 from flyt.errors import FlytError
 from flyt.runner.job import error_message
@@ -29,9 +30,9 @@ def _shard_batches_class():
             self.shards, self.batch_size, self.preprocess, self.tokenizer = shards, batch_size, preprocess, tokenizer
 
         def __iter__(self):
-            info = torch.utils.data.get_worker_info()
-            first, step = (0, 1) if info is None else (info.id, info.num_workers)
-            for index in range(first, len(self.shards), step):  # an idle worker (more workers than shards) yields nothing
+            from flyt.streams.workers import worker_share
+
+            for index in worker_share(range(len(self.shards))):  # an idle worker (more workers than shards) yields nothing
                 yield from self._shard(index)
 
         def _shard(self, index: int):

@@ -17,8 +17,9 @@ import torch
 import webdataset as wds
 
 from flyt.data.samples import decode_pair
-from flyt.streams.train import reraise_with_shard
-from flyt.data.subset import UID_DTYPE, load_subset, uids_to_array
+from flyt.data.subset import UID_DTYPE, load_subset, sort_order, uids_to_array
+from flyt.data.webdataset import tar_samples
+from flyt.streams.workers import current_worker, worker_share
 
 
 class SubsetCounts:
@@ -35,6 +36,37 @@ class SubsetCounts:
         return int(self.counts[i]) if i < len(self.keys) and self.keys[i] == key else 0
 
 
+class SeenUids:
+    """How often each uid was trained on: sorted ``u8,u8`` uids and their counts, no Python object per
+    sample. Batches wait in a buffer that is merged in once it outgrows the merged part (amortised
+    O(n log n) over a run, memory twice the distinct uids at most)."""
+
+    def __init__(self):
+        self.uids, self.counts = np.zeros(0, UID_DTYPE), np.zeros(0, np.int64)
+        self._pending: list[np.ndarray] = []
+        self._waiting = 0
+
+    def add(self, uids: list[str]) -> None:
+        self._pending.append(uids_to_array(uids))
+        self._waiting += len(uids)
+        if self._waiting >= max(1 << 16, len(self.uids)):
+            self._merge()
+
+    def _merge(self) -> None:
+        rows = np.concatenate([self.uids, *self._pending])
+        weights = np.concatenate([self.counts, np.ones(self._waiting, np.int64)])
+        order = sort_order(rows)
+        rows, weights = rows[order], weights[order]
+        starts = np.flatnonzero(np.concatenate([[True], rows[1:] != rows[:-1]]))
+        self.uids, self.counts = rows[starts], np.add.reduceat(weights, starts) if len(rows) else weights
+        self._pending, self._waiting = [], 0
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """(sorted distinct uids, how often each was seen)."""
+        self._merge()
+        return self.uids, self.counts
+
+
 class SubsetStream(torch.utils.data.IterableDataset):
     """Batches of {image, text} over endless passes of (a subset of) a pool."""
 
@@ -44,11 +76,10 @@ class SubsetStream(torch.utils.data.IterableDataset):
         self.preprocess, self.tokenizer = preprocess, tokenizer
         self.seed, self.rank, self.world_size, self.shuffle_buffer = seed, rank, world_size, shuffle_buffer
 
-    def _selected(self, epoch: int, worker: int, workers: int, skipped: Counter):
+    def _selected(self, epoch: int, skipped: Counter):
         order = list(self.shards)
         random.Random(hash((self.seed, epoch))).shuffle(order)
-        mine = order[self.rank * workers + worker::self.world_size * workers]
-        for raw in wds.tarfile_samples(({"url": s} for s in mine), handler=reraise_with_shard):
+        for raw in tar_samples(worker_share(order, self.rank, self.world_size)):
             sample = decode_pair(raw, skipped)
             if sample is None:
                 continue
@@ -57,8 +88,7 @@ class SubsetStream(torch.utils.data.IterableDataset):
                 yield sample
 
     def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        worker = current_worker()[0]
         seed = hash((self.seed, self.rank, worker)) & 0x7FFFFFFF
         rng = random.Random(seed)
         torch.manual_seed(seed)
@@ -66,7 +96,7 @@ class SubsetStream(torch.utils.data.IterableDataset):
         while True:
             seen = 0
             for sample in wds.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=rng)(
-                    self._selected(epoch, worker, workers, skipped)):
+                    self._selected(epoch, skipped)):
                 seen += 1
                 batch.append(sample)
                 if len(batch) == self.batch_size:

@@ -14,7 +14,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-import numpy as np
 import torch
 import webdataset as wds
 
@@ -22,7 +21,9 @@ from flyt.data.samples import decode_labelled, decode_pair
 from flyt.data.scores import ScoreLookup
 from flyt.data.shards import Source, list_shards
 from flyt.data.tasks import Task
+from flyt.data.webdataset import tar_samples
 from flyt.errors import FlytError
+from flyt.streams.workers import current_worker
 
 
 @dataclass
@@ -62,8 +63,7 @@ def _resampled(shards: list[str], weights: list[float], rng: random.Random) -> I
 
 
 def _raw_samples(shards: list[str], weights: list[float], rng: random.Random, buffer: int) -> Iterator[dict]:
-    samples = wds.tarfile_samples(_resampled(shards, weights, rng), handler=reraise_with_shard)
-    return wds.shuffle(buffer, min(buffer, 100), rng=rng)(samples)
+    return wds.shuffle(buffer, min(buffer, 100), rng=rng)(tar_samples(_resampled(shards, weights, rng)))
 
 
 def held_out(key: str, fraction: float) -> bool:
@@ -72,19 +72,12 @@ def held_out(key: str, fraction: float) -> bool:
     return zlib.crc32(key.encode("utf-8")) < fraction * 2 ** 32
 
 
-def reraise_with_shard(exc: Exception) -> bool:
-    """webdataset handler: an unreadable shard is a one-line error naming it."""
-    where = next((a for a in exc.args[1:] if isinstance(a, str)), "a shard")
-    raise FlytError(f"cannot read {where}: {exc.args[0] if exc.args else exc}") from None
-
-
 class TrainStream(torch.utils.data.IterableDataset):
     def __init__(self, cfg: StreamConfig, epoch: int, preprocess: Callable, tokenizer: Callable):
         self.cfg, self.epoch, self.preprocess, self.tokenizer = cfg, epoch, preprocess, tokenizer
 
     def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        worker = info.id if info is not None else 0
+        worker = current_worker()[0]
         cfg = self.cfg
         seed = hash((cfg.seed, self.epoch, cfg.rank, worker)) & 0x7FFFFFFF
         rng = random.Random(seed)
@@ -142,7 +135,7 @@ class TrainStream(torch.utils.data.IterableDataset):
                  "text": self.tokenizer([s["text"] for s in samples]),
                  "uid": [s["uid"] for s in samples], "key": [s["key"] for s in samples]}
         if self.cfg.scores is not None:
-            batch["scores"] = torch.from_numpy(np.stack([self.cfg.scores(s["key"], s["uid"]) for s in samples]))
+            batch["scores"] = torch.from_numpy(self.cfg.scores.rows(batch["key"], batch["uid"]))
         return batch
 
     def _task_batch(self, task: Task, stream: Iterator[dict], rng: random.Random) -> dict:

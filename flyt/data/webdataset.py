@@ -1,0 +1,79 @@
+"""Reading WebDataset shards: every reader of flyt's tars goes through here.
+
+A sample is the run of consecutive tar members sharing a key (the member name up to the first dot of
+its base name); it comes back as a dict of lower-cased extension -> bytes plus ``__key__``.
+
+Two readers, one sample format: :func:`tar_samples` streams shards with webdataset's own iteration
+(the training and evaluation streams; it imports torch, as webdataset does); :func:`iter_tar` reads one
+local shard with random access, so ``only=("json",)`` seeks past the images instead of reading them,
+and it stays torch-free (``flyt score`` of an M-FLYT pool lists ids without loading torch).
+"""
+
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from flyt.errors import FlytError
+
+
+def tar_samples(shards: Iterable[str | dict]) -> Iterator[dict]:
+    """The samples of the shards in order (paths, or webdataset's ``{"url": ...}`` dicts, e.g. a resampled
+    stream of them), each with ``__url__``; an unreadable shard is a one-line :class:`FlytError` naming it."""
+    import webdataset as wds
+
+    reading = ["a shard"]  # the shard being read: webdataset's grouping errors do not name it
+
+    def urls():
+        for shard in shards:
+            source = shard if isinstance(shard, dict) else {"url": str(shard)}
+            reading[0] = source["url"]
+            yield source
+
+    def reraise_with_shard(exc: Exception) -> bool:
+        raise FlytError(f"cannot read {reading[0]}: {exc.args[0] if exc.args else exc}") from None
+
+    return wds.tarfile_samples(urls(), handler=reraise_with_shard)
+
+
+def member_name(name: str) -> tuple[str, str]:
+    """(sample key, extension as written) of a tar member, as WebDataset splits it: the key ends at the
+    base name's first dot (``a/b.seg.png`` -> ``a/b``, ``seg.png``); consecutive members sharing a key form
+    a sample. ``flyt reshard`` renames members by it and keeps the extension's case."""
+    folder, slash, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return folder + slash + stem, ext
+
+
+def split_member(name: str) -> tuple[str, str] | None:
+    """(sample key, lower-cased extension) of a member name, or None for a name that is not a sample's
+    file (no extension, a hidden file)."""
+    base = name.rpartition("/")[2]
+    if "." not in base or base.startswith("."):
+        return None
+    key, ext = member_name(name)
+    return key, ext.lower()
+
+
+def iter_tar(path: str | Path, only: tuple[str, ...] | None = None) -> Iterator[dict]:
+    """The samples of one local shard, read with random access. With ``only``, the other members' data
+    is never read (a sample without any of them still comes back, with ``__key__`` alone)."""
+    with tarfile.open(path, "r") as tar:
+        sample = None
+        for member in tar:
+            split = split_member(member.name) if member.isfile() else None
+            if split is None:
+                continue
+            key, ext = split
+            if sample is None or sample["__key__"] != key:
+                if sample is not None:
+                    yield sample
+                sample, exts = {"__key__": key}, set()
+            if ext in exts:  # webdataset refuses it too: one of the two would be lost
+                raise FlytError(f"cannot read {path}: sample {key} has two .{ext} members")
+            exts.add(ext)
+            if only is None or ext in only:
+                sample[ext] = tar.extractfile(member).read()
+        if sample is not None:
+            yield sample
