@@ -81,7 +81,9 @@ def refusal(path, exc: BaseException) -> FlytError | None:
     if not isinstance(exc, pickle.UnpicklingError):
         return None
     found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-    call = found.group(1) if found else "an object other than tensors and plain containers"
+    if not found:  # not a pickle asking for code (a damaged or foreign file): the caller's own message
+        return None
+    call = found.group(1)
     return FlytError(f"{path}: refused: unpickling it would call {call}, which could run any code; flyt loads "
                      "checkpoints with torch.load(weights_only=True) only")
 
