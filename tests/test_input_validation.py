@@ -1,6 +1,6 @@
 """Conflicting or missing flags fail in one line with exit code 2, before any heavy work.
 
-Each case runs in a fresh interpreter, which must exit 2 with exactly one ``error:`` line and without
+Every subcommand is covered. Each case runs in a fresh interpreter, which must exit 2 with exactly one ``error:`` line and without
 having imported OpenCLIP (loading models is the heavy work that comes first in every command) or
 written anything. Mutations checked: ``train_flyt.run`` building its config after importing the trainer
 (the train cases import OpenCLIP first); the ``--cos_sim_init`` check moved back into ``Trainer``.
@@ -49,6 +49,31 @@ CASES = {
     "train: a missing flag": (["train", "--model", "flyt-tiny"], "the following arguments are required"),
     "train-clip: zero steps": (["train-clip", "--upstream_data_dir", "{root}/pool", "--model", "flyt-tiny",
                                 "--steps", "0", "--output_dir", "{root}/out"], "--steps must be >= 1"),
+    "score: no such checkpoint": (["score", "--checkpoint", "{root}/none.pt", "--upstream_data_dir", "{root}/pool",
+                                   "--output", "{root}/out"], "--checkpoint {root}/none.pt does not exist"),
+    "score: zero batch": (["score", "--checkpoint", "{root}/none.pt", "--upstream_data_dir", "{root}/pool",
+                           "--output", "{root}/out", "--batch_size", "0"], "--batch_size must be >= 1"),
+    "sample: scs without a seed": (["sample", "--scores", "{root}/s.parquet", "--method", "scs", "--total_size", "5",
+                                    "--output", "{root}/out/s.npy"], "--method scs needs --seed"),
+    "sample: topk with two sizes": (["sample", "--scores", "{root}/s.parquet", "--method", "topk", "--fraction", "0.5",
+                                     "--total_size", "3", "--output", "{root}/out/s.npy"], "exactly one of --fraction"),
+    "sample: temperature and unique fraction": (
+        ["sample", "--scores", "{root}/s.parquet", "--method", "scs", "--total_size", "5", "--seed", "1",
+         "--temperature", "1", "--unique_fraction", "0.5", "--output", "{root}/out/s.npy"], "exclude each other"),
+    "sample: a memory limit that is no size": (
+        ["sample", "--scores", "{root}/s.parquet", "--method", "scs", "--total_size", "5", "--seed", "1",
+         "--memory_limit", "lots", "--output", "{root}/out/s.npy"], "--memory_limit 'lots': expected a size"),
+    "reshard: zero shard size": (["reshard", "--upstream_data_dir", "{root}/pool", "--subset", "{root}/s.npy",
+                                  "--output", "{root}/out", "--shard_size", "0"], "--shard_size and --workers must be positive"),
+    "features: a model score without a teacher": (
+        ["features", "--upstream_data_dir", "{root}/pool", "--output", "{root}/out", "--scores", "clip_score"],
+        "--scores clip_score needs a --teacher"),
+    "features: NormSim without targets": (
+        ["features", "--upstream_data_dir", "{root}/pool", "--output", "{root}/out", "--teacher", "flyt-tiny",
+         "--scores", "normsim_inf"], "needs --target_tasks"),
+    "features: cache both ways": (
+        ["features", "--upstream_data_dir", "{root}/pool", "--output", "{root}/out", "--teacher", "flyt-tiny",
+         "--scores", "clip_score", "--save_embeddings", "--from_embeddings", "{root}"], "not allowed with argument"),
     "eval: zero batch": (["eval", "--model", "flyt-tiny", "--downstream_task_names", "{root}/tasks/digits",
                           "--output", "{root}/out/eval.jsonl", "--batch_size", "0"], "--batch_size must be >= 1"),
 }
@@ -57,7 +82,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_flags_fail_in_one_line_with_exit_2_before_heavy_work(world, case):
     argv, expected = CASES[case]
-    argv = [a.format(root=world) for a in argv]
+    argv, expected = [a.format(root=world) for a in argv], expected.format(root=world)
     done = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, timeout=120)
     errors = [line for line in done.stderr.splitlines() if "error:" in line]
     assert done.returncode == 2, done.stderr[-1500:]
