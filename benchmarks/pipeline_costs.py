@@ -1,6 +1,6 @@
 """Per-sample time and peak memory of every pipeline stage as flyt runs it, projected to DataComp sizes.
 
-    python benchmarks/pipeline_costs.py                        # ~5-10 min on 2 cores
+    python benchmarks/pipeline_costs.py                        # ~10 min on 2 cores
     python benchmarks/pipeline_costs.py --images 500 --rows 200000 --vit_images 0   # quick, flyt-tiny only
 
 Each stage is the real command (``python -m flyt.cli ...``) in its own process, so its wall time and peak
@@ -39,18 +39,18 @@ TRAIN_SAMPLES = 5000 * 4096
 
 
 def run_stage(argv: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MiB) of ``python -m flyt.cli ARGV`` in a child process; fails loudly."""
+    """Wall seconds and peak RSS (MiB, the largest process of the command's tree) of ``python -m flyt.cli
+    ARGV``; fails loudly. The peak comes from GNU time: a child forked from this process would start with
+    this process's own high-water mark, which grows with the generated data."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "flyt.cli", *argv], env=env, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - started
-    if proc.returncode != 0:
-        raise SystemExit(f"flyt {' '.join(argv)} exited with {proc.returncode}:\n{out[-2000:]}")
-    return wall, usage.ru_maxrss / 1024
+    with tempfile.NamedTemporaryFile("r", suffix=".rss") as rss:
+        started = time.perf_counter()
+        proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", rss.name, sys.executable, "-m", "flyt.cli", *argv],
+                              env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        wall = time.perf_counter() - started
+        if proc.returncode != 0:
+            raise SystemExit(f"flyt {' '.join(argv)} exited with {proc.returncode}:\n{proc.stdout[-2000:]}")
+        return wall, int(rss.read().split()[-1]) / 1024
 
 
 def _train_rate(run_dir: Path) -> float:
@@ -217,7 +217,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="flyt train steps per mode")
     parser.add_argument("--vit_images", type=int, default=300, help="ViT-B-32 features and score images (0: skip)")
     parser.add_argument("--vit_image_size", type=int, default=256)
-    parser.add_argument("--vit_step", type=int, default=32, help="ViT-B-32 FLYT step's upstream batch (0: skip)")
+    parser.add_argument("--vit_step", type=int, default=16,
+                        help="ViT-B-32 FLYT step's upstream batch (0: skip; 32 took 434 s of a 15-min run under load)")
     parser.add_argument("--nodes", type=int, default=32, help="N of the projection's N-node column")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="flyt-bench-pipeline-"))
