@@ -61,8 +61,11 @@ def _train_rate(run_dir: Path) -> float:
 
 
 class Table:
+    """The measured rows, printed as they come (a slow stage shows what was done before it)."""
+
     def __init__(self):
         self.rows = []
+        self.bytes_per_sample = float("nan")  # of the resharded pool, for the reshard projection's caveat
 
     def add(self, stage: str, what: str, samples: int, wall: float, rss: float, work: float | None = None,
             projected_on: str = "pool") -> None:
