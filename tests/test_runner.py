@@ -141,3 +141,37 @@ def test_sigterm_stops_cleanly_and_a_rerun_finishes(tmp_path):
     assert rerun.returncode == 0, rerun.stderr
     assert len(list(tmp_path.glob("*.json"))) == 20
     assert all((tmp_path / name).stat().st_mtime_ns == mtime for name, mtime in kept.items())  # not redone
+
+
+def test_sigterm_ends_any_command_with_one_line_and_exit_75(tmp_path):
+    """``flyt sample`` in memory (no runner, no checkpoint) gets SIGTERM mid-work, once it has used a
+    second of CPU: exit 75, one line, nothing half-written. Mutation checked: ``cli._stop_on_sigterm`` not
+    installed (the process dies with -15, no line)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    n = 3_000_000
+    pd.DataFrame({"uid": [f"{i:032x}" for i in rng.choice(2**62, n, replace=False)],
+                  "score": rng.normal(size=n)}).to_parquet(tmp_path / "scores.parquet")
+    child = subprocess.Popen([sys.executable, "-m", "flyt.cli", "sample", "--scores", str(tmp_path / "scores.parquet"),
+                              "--method", "scs", "--total_size", str(n), "--seed", "0",
+                              "--output", str(tmp_path / "out" / "s.npy")], stderr=subprocess.PIPE, text=True)
+    ticks = os.sysconf("SC_CLK_TCK")
+    while child.poll() is None:  # SIGTERM once it has worked a second: well inside its ~5 s of CPU
+        fields = open(f"/proc/{child.pid}/stat").read().rsplit(")", 1)[1].split()
+        if (int(fields[11]) + int(fields[12])) / ticks >= 1.0:
+            child.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.02)
+    err = child.communicate(timeout=60)[1]
+    assert child.returncode == 75, err[-2000:]
+    assert err.strip().splitlines()[-1] == ("flyt sample: error: stopped by SIGTERM: every output written so far "
+                                            "is complete; rerun the same command")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
