@@ -334,9 +334,9 @@ def test_mixing_a_features_folder_with_the_released_layout(exp, tmp_path):
     lookup = open_scores(f"{released}::{exp['out']}", ["clip_score_b", "informative", "caption_chars"])
     mine = pd.concat(_read(exp["out"]).values()).set_index("key")
     theirs = pd.read_parquet(released / "part-0.parquet").set_index("key")
-    for key in mine.index[:5]:
-        want = [mine.loc[key, "clip_score_b"], theirs.loc[key, "informative"], mine.loc[key, "caption_chars"]]
-        np.testing.assert_allclose(lookup(key, ""), want, rtol=1e-6)
+    keys = list(mine.index[:5])
+    want = [[mine.loc[k, "clip_score_b"], theirs.loc[k, "informative"], mine.loc[k, "caption_chars"]] for k in keys]
+    np.testing.assert_allclose(lookup.rows(keys, list(mine.loc[keys, "uid"])), want, rtol=1e-6)
     with pytest.raises(Exception, match="in none of the folders"):
         open_scores(f"{released}::{exp['out']}", ["nope"])
     twin = tmp_path / "twin"
