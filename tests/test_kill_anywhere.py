@@ -24,7 +24,7 @@ from flyt.demo import toydata
 from test_features import _teacher_file
 from test_ray import FIELDS, _reshard_files
 from test_sample_out_of_core import make_pool, write_split
-from train_runs import ENV, TIMEOUT_S, assert_same_run, command, logged_steps, start
+from train_runs import ENV, TIMEOUT_S, assert_same_run, command, logged_steps, start, wait_for
 
 KILLS = 3
 CLI = [sys.executable, "-m", "flyt.cli"]
@@ -38,14 +38,33 @@ def _run(cmd: list[str]) -> float:
     return time.monotonic() - started
 
 
-def kill_loop(cmd: list[str], seconds: float, seed: int, log: Path, after_kill=lambda: None) -> int:
-    """``KILLS`` runs of ``cmd``, each SIGKILLed (the process group) after a random delay in [0, seconds],
-    ``after_kill()`` after each; then one rerun to completion. Returns how many runs the kill cut short."""
+def reference(cmd: list[str], marker: Path, log: Path) -> tuple[float, float]:
+    """Run to completion: (seconds until ``marker`` appeared, i.e. the imports and setup, total seconds)."""
+    started, startup = time.monotonic(), None
+    proc = start(cmd, log)
+    while proc.poll() is None:
+        if startup is None and marker.exists():
+            startup = time.monotonic() - started
+        time.sleep(0.01)
+    assert proc.returncode == 0 and startup is not None, log.read_text()[-2000:]
+    return startup, time.monotonic() - started
+
+
+def kill_loop(cmd: list[str], window: tuple[float, float], seed: int, log: Path, kills: int = KILLS,
+              first=None, after_kill=lambda: None) -> int:
+    """``kills`` runs of ``cmd``, each SIGKILLed (the process group) after a random delay in ``window``,
+    ``after_kill()`` after each; then one rerun to completion. Returns how many runs the kill cut short.
+
+    A run of these tiny jobs is mostly start-up, so the random kills often miss the work; with ``first``
+    (a condition on the outputs, met in mid-work), the first run is killed the moment it holds."""
     rng, cut = random.Random(seed), 0
-    for _ in range(KILLS):
+    for i in range(kills):
         proc = start(cmd, log)
         try:
-            proc.wait(rng.uniform(0.0, seconds))
+            if i == 0 and first is not None:
+                wait_for(proc, first, "the first kill's moment", log)
+            else:
+                proc.wait(rng.uniform(*window))
         except subprocess.TimeoutExpired:
             pass
         finally:
@@ -119,7 +138,7 @@ def test_train_killed_anywhere_resumes_from_the_last_complete_checkpoint(train_r
         steps = logged_steps(run_dir / "metrics.jsonl")
         assert steps == sorted(set(steps)), f"a step logged twice: {steps}"
 
-    cut = kill_loop(command(data, out, "mflyt"), seconds, 13, tmp_path / "killed.log", after_kill)
+    cut = kill_loop(command(data, out, "mflyt"), (0.0, seconds), 13, tmp_path / "killed.log", after_kill=after_kill)
     assert cut >= 1
     after_kill()  # the final run rewrote none of them either
     assert_same_run(expected, run_dir)
@@ -137,8 +156,10 @@ def _score_cmd(pool, mode: str, out: Path, *extra: str) -> list[str]:
 def test_score_killed_anywhere(pool, tmp_path, mode):
     """M-FLYT (FLYT, ~35 s here, is slow: a tiny CLIP forward per batch). Each pool shard's parquet equal
     to the uninterrupted run's, every uid once, no temporary left."""
-    seconds = _run(_score_cmd(pool, mode, tmp_path / "reference"))
-    cut = kill_loop(_score_cmd(pool, mode, tmp_path / "out"), seconds, 1, tmp_path / "killed.log")
+    window = reference(_score_cmd(pool, mode, tmp_path / "reference"), tmp_path / "reference", tmp_path / "ref.log")
+    out = tmp_path / "out"
+    cut = kill_loop(_score_cmd(pool, mode, out), window, 1, tmp_path / "killed.log",
+                    first=lambda: any(out.glob("*.parquet")))
     assert cut >= 1
     assert_same_scores(tmp_path / "reference", tmp_path / "out", "*.parquet")
 
@@ -146,8 +167,9 @@ def test_score_killed_anywhere(pool, tmp_path, mode):
 @pytest.mark.slow  # ~75 s here: a local Ray starts in each of the five runs
 def test_score_on_ray_killed_anywhere(pool, tmp_path):
     """The driver (and the local Ray it started, one process group) killed; the rerun finishes."""
-    seconds = _run(_score_cmd(pool, "mflyt", tmp_path / "reference", "--engine", "ray"))
-    cut = kill_loop(_score_cmd(pool, "mflyt", tmp_path / "out", "--engine", "ray"), seconds, 2, tmp_path / "killed.log")
+    window = reference(_score_cmd(pool, "mflyt", tmp_path / "reference", "--engine", "ray"), tmp_path / "reference",
+                       tmp_path / "ref.log")
+    cut = kill_loop(_score_cmd(pool, "mflyt", tmp_path / "out", "--engine", "ray"), window, 2, tmp_path / "killed.log")
     assert cut >= 1
     assert_same_scores(tmp_path / "reference", tmp_path / "out", "*.parquet")
 
@@ -159,8 +181,10 @@ def _features_cmd(pool, out: Path) -> list[str]:
 
 
 def test_features_killed_anywhere(pool, tmp_path):
-    seconds = _run(_features_cmd(pool, tmp_path / "reference"))
-    cut = kill_loop(_features_cmd(pool, tmp_path / "out"), seconds, 3, tmp_path / "killed.log")
+    window = reference(_features_cmd(pool, tmp_path / "reference"), tmp_path / "reference", tmp_path / "ref.log")
+    out = tmp_path / "out"
+    cut = kill_loop(_features_cmd(pool, out), window, 3, tmp_path / "killed.log",
+                    first=lambda: any((out / "embeddings").glob("*.npy")))  # its shard's parquet comes after
     assert cut >= 1
     assert_same_scores(tmp_path / "reference", tmp_path / "out", "*_scores.parquet")
     for path in sorted((tmp_path / "reference" / "embeddings").glob("*.npy")):
@@ -179,11 +203,13 @@ def test_sample_out_of_core_killed_anywhere(tmp_path):
     state is also made on purpose at the end, so the check does not hang on the timing. Mutation caught:
     ``flyt sample`` not sweeping its outputs' temporaries (the planted one stays)."""
     scores = write_split(make_pool(6000, seed=1), tmp_path / "scores", [2000, 4000], seed=0)
-    seconds = _run(_sample_cmd(scores, tmp_path / "reference.npy"))
+    window = reference(_sample_cmd(scores, tmp_path / "reference.npy"), tmp_path / ".reference.npy.work",
+                       tmp_path / "ref.log")
     assert "out of core" in (tmp_path / "reference.npy.summary.json").read_text()
     out = tmp_path / "out" / "s.npy"
     out.parent.mkdir()
-    cut = kill_loop(_sample_cmd(scores, out), seconds, 4, tmp_path / "killed.log")
+    cut = kill_loop(_sample_cmd(scores, out), window, 4, tmp_path / "killed.log", kills=2 * KILLS,
+                    first=lambda: any((out.parent / ".s.npy.work").glob("*/collect/*.npy")))
     assert cut >= 1
     assert out.read_bytes() == (tmp_path / "reference.npy").read_bytes()
     pd.testing.assert_frame_equal(pd.read_parquet(f"{out}.counts.parquet"),
@@ -204,8 +230,9 @@ def test_reshard_killed_anywhere(pool, tmp_path):
     save_subset(tmp_path / "subset.npy", list(wanted), list(wanted.values()))
     cmd = lambda out: [*CLI, "reshard", "--pool", str(pool["pool"]), "--subset", str(tmp_path / "subset.npy"),  # noqa: E731
                        "--output", str(out), "--shard_size", "9", "--seed", "3", "--workers", "1"]
-    seconds = _run(cmd(tmp_path / "reference"))
-    cut = kill_loop(cmd(tmp_path / "out"), seconds, 5, tmp_path / "killed.log")
+    window = reference(cmd(tmp_path / "reference"), tmp_path / "reference", tmp_path / "ref.log")
+    cut = kill_loop(cmd(tmp_path / "out"), window, 5, tmp_path / "killed.log", kills=2 * KILLS,
+                    first=lambda: any((tmp_path / "out").glob("*.tar")))
     assert cut >= 1
     assert _reshard_files(tmp_path / "out") == _reshard_files(tmp_path / "reference")
     no_leftovers(tmp_path / "out")
