@@ -119,8 +119,13 @@ def pool(tmp_path_factory) -> dict:
 
 
 def test_train_killed_anywhere_resumes_from_the_last_complete_checkpoint(train_runs, tmp_path):
-    """M-FLYT ``flyt train --resume latest`` killed three times: the checkpoints of the uninterrupted run bit
-    for bit, each step logged once, and every checkpoint a kill left complete never rewritten."""
+    """M-FLYT ``flyt train --resume latest`` killed three times, the first in a checkpoint's write: the
+    checkpoints of the uninterrupted run bit for bit, each step logged once, and every checkpoint a kill left
+    complete never rewritten.
+
+    The loop found that kill's temporary (``.scoring_epoch_latest.pt.*.tmp``) left for good; ``fit`` now
+    sweeps the run's folders. Mutations caught: that sweep removed (the checkpoint names differ);
+    ``--resume`` ignored (a kept checkpoint rewritten)."""
     data, out, uninterrupted = train_runs
     started = time.monotonic()
     expected = uninterrupted("mflyt")
@@ -138,7 +143,8 @@ def test_train_killed_anywhere_resumes_from_the_last_complete_checkpoint(train_r
         steps = logged_steps(run_dir / "metrics.jsonl")
         assert steps == sorted(set(steps)), f"a step logged twice: {steps}"
 
-    cut = kill_loop(command(data, out, "mflyt"), (0.0, seconds), 13, tmp_path / "killed.log", after_kill=after_kill)
+    cut = kill_loop(command(data, out, "mflyt"), (0.0, seconds), 13, tmp_path / "killed.log", after_kill=after_kill,
+                    first=lambda: any((run_dir / "checkpoints").glob(".*.tmp")))  # in a checkpoint's write
     assert cut >= 1
     after_kill()  # the final run rewrote none of them either
     assert_same_run(expected, run_dir)
@@ -200,8 +206,10 @@ def test_sample_out_of_core_killed_anywhere(tmp_path):
     """Out of core (6000 rows do not fit in 1MB): the passes, the work folder and the merge are killed.
 
     The loop found a kill in the plot's write leaving ``.s.png.*.tmp`` for good (4 of 15 seeds); that
-    state is also made on purpose at the end, so the check does not hang on the timing. Mutation caught:
-    ``flyt sample`` not sweeping its outputs' temporaries (the planted one stays)."""
+    state is also made on purpose at the end, so the check does not hang on the timing. Mutations caught:
+    ``flyt sample`` not sweeping its outputs' temporaries (the planted one stays); the work folder kept
+    after the subset is written; a pass counting its files done once its folder exists (a stale work
+    folder as done: the rerun fails on the files the kill kept it from writing)."""
     scores = write_split(make_pool(6000, seed=1), tmp_path / "scores", [2000, 4000], seed=0)
     window = reference(_sample_cmd(scores, tmp_path / "reference.npy"), tmp_path / ".reference.npy.work",
                        tmp_path / "ref.log")
@@ -223,6 +231,9 @@ def test_sample_out_of_core_killed_anywhere(tmp_path):
 
 
 def test_reshard_killed_anywhere(pool, tmp_path):
+    """Every uid of the subset as often as it asks, the shards, stats and meta.json of the uninterrupted run.
+    Mutation caught: ``_claim`` taking an unfinished run's ``.work/job.json`` for a finished output (the
+    rerun after the first kill reports it complete and fails on the missing meta.json)."""
     from flyt.data.subset import save_subset
 
     uids = pool["df"]["uid"].tolist()
