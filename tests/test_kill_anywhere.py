@@ -89,6 +89,11 @@ def parquets(folder: Path, pattern: str) -> dict[str, pd.DataFrame]:
     return {p.name: pd.read_parquet(p) for p in sorted(folder.glob(pattern))}
 
 
+def killed_in_summary_write(folder: Path):
+    """After each kill: the temporary a kill in the summary's write leaves (too short a write to hit by chance)."""
+    return lambda: folder.mkdir(exist_ok=True) or (folder / "._summary.json.killed.tmp").write_text("{")
+
+
 def assert_same_scores(expected: Path, got: Path, pattern: str) -> None:
     """Value-equal per-shard parquets, and every uid of the pool exactly once in their union."""
     a, b = parquets(expected, pattern), parquets(got, pattern)
@@ -160,12 +165,13 @@ def _score_cmd(pool, mode: str, out: Path, *extra: str) -> list[str]:
 @pytest.mark.parametrize("mode", ["mflyt", pytest.param("flyt", marks=pytest.mark.slow)])
 def test_score_killed_anywhere(pool, tmp_path, mode):
     """M-FLYT (FLYT, ~35 s here, is slow: a tiny CLIP forward per batch). Each pool shard's parquet equal
-    to the uninterrupted run's, every uid once, no temporary left. Mutation caught: a shard counted done
-    once the output folder holds any file (a stale folder as done: the shards after the first kill missing)."""
+    to the uninterrupted run's, every uid once, no temporary left. Mutations caught: a shard counted done
+    once the output folder holds any file (a stale folder as done: the shards after the first kill missing);
+    the summary's temporary not swept (the planted one stays)."""
     window = reference(_score_cmd(pool, mode, tmp_path / "reference"), tmp_path / "reference", tmp_path / "ref.log")
     out = tmp_path / "out"
     cut = kill_loop(_score_cmd(pool, mode, out), window, 1, tmp_path / "killed.log",
-                    first=lambda: any(out.glob("*.parquet")))
+                    first=lambda: any(out.glob("*.parquet")), after_kill=killed_in_summary_write(out))
     assert cut >= 1
     assert_same_scores(tmp_path / "reference", tmp_path / "out", "*.parquet")
 
@@ -187,12 +193,14 @@ def _features_cmd(pool, out: Path) -> list[str]:
 
 
 def test_features_killed_anywhere(pool, tmp_path):
-    """The score files and the embedding cache of the uninterrupted run. Mutation caught: a shard counted
-    done once the output folder holds any file (the column claim alone then stands for every shard)."""
+    """The score files and the embedding cache of the uninterrupted run. Mutations caught: a shard counted
+    done once the output folder holds any file (the column claim alone then stands for every shard); the
+    summary's temporary not swept (the planted one stays)."""
     window = reference(_features_cmd(pool, tmp_path / "reference"), tmp_path / "reference", tmp_path / "ref.log")
     out = tmp_path / "out"
     cut = kill_loop(_features_cmd(pool, out), window, 3, tmp_path / "killed.log",
-                    first=lambda: any((out / "embeddings").glob("*.npy")))  # its shard's parquet comes after
+                    first=lambda: any((out / "embeddings").glob("*.npy")),  # its shard's parquet comes after
+                    after_kill=killed_in_summary_write(out))
     assert cut >= 1
     assert_same_scores(tmp_path / "reference", tmp_path / "out", "*_scores.parquet")
     for path in sorted((tmp_path / "reference" / "embeddings").glob("*.npy")):
