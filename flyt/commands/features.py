@@ -161,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
     from flyt.atomic import atomic_path
     from flyt.jobs.features import FeaturesJob, claim_columns
     from flyt.runner.engines import make_executor
-    from flyt.runner.job import job_split, run_job
+    from flyt.runner.job import job_split, run_job, sweep_temporaries
 
     part, parts = job_split(args.shard_index, args.num_shards)
     s = build_settings(args)
@@ -181,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
                "samples_per_s": round(samples / report.seconds, 1) if report.seconds > 0 else None,
                "per_shard": report.done}
     name = "_summary.json" if parts == 1 else f"_summary.{part:0{len(str(parts - 1))}d}-of-{parts}.json"
+    sweep_temporaries([s.output / name])  # a kill in its last write left its temporary (a summary per part)
     with atomic_path(s.output / name) as tmp:
         tmp.write_text(json.dumps(summary, indent=1) + "\n")
     skipped = ", ".join(f"{k} {v}" for k, v in summary["skipped"].items()) or "none"

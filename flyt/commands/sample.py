@@ -23,6 +23,7 @@ from flyt.data.score_table import read_scores, score_files
 from flyt.data.subset import counts_table, save_subset
 from flyt.errors import FlytError
 from flyt.runner.engines import add_engine_arguments, make_executor
+from flyt.runner.job import sweep_temporaries
 from flyt.select.keyed import sample_mask
 from flyt.select.race import pool_sample, race_counts
 from flyt.select.samplers import batched_counts, count_histogram, penalty_and_cap, plan, top_counts
@@ -93,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
     pool_rows, draws = sum(rows), params.get("total_size") or 0
     output = Path(args.output)
     plot = Path(args.plot) if args.plot else output.with_suffix(".png")
+    written = [output, Path(f"{output}.summary.json"), plot] + ([Path(args.counts_output)] if args.counts_output else [])
+    sweep_temporaries(written)  # what a run killed while writing them left: nothing else removes it
     if pool_rows * _IN_MEMORY_BYTES[0] + draws * _IN_MEMORY_BYTES[1] <= memory:
         figures, sampled = _in_memory(args, params, output)
         path = "in memory"

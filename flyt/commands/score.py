@@ -166,6 +166,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"flyt score: merged {summary['merged']['rows']} scores into {output.path}")
     from flyt.atomic import atomic_path
 
+    sweep_temporaries([output.summary])  # a kill in its last write left its temporary (a summary per part)
     with atomic_path(output.summary) as tmp:
         tmp.write_text(json.dumps(summary, indent=1) + "\n")
     _print_summary(summary, output)

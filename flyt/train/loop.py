@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from flyt import progress
+from flyt.atomic import atomic_path
 
 from flyt.models import checkpoint
 from flyt.method.bilevel import BilevelConfig, DownstreamBatch, flyt_step
@@ -293,6 +294,8 @@ class Trainer:
         cfg = self.cfg
         self.signals = StopSignal(stop_on_sigterm)
         with self.signals:
+            if self.comm.rank == 0:  # what a kill in a write left (metrics, config, checkpoints)
+                checkpoint.sweep_temporaries(self.run_dir, self.ckpt_dir)
             resumed = self.maybe_resume()
             if self.probe is None:  # scored now, by the starting scorer
                 self.probe = Probe(self._probe_batch())
@@ -379,12 +382,14 @@ class MetricsLog:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        with atomic_path(run_dir / "config.json") as tmp:  # a kill in a rewrite must not truncate either file
+            tmp.write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         self.path = run_dir / "metrics.jsonl"
         kept = []
         if resumed and self.path.exists():  # drop lines a killed run wrote after its last checkpoint
             kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        with atomic_path(self.path) as tmp:
+            tmp.write_text("".join(line + "\n" for line in kept))
         if cfg.report_to_wandb:
             try:
                 import wandb
