@@ -119,3 +119,41 @@ def test_each_fault_has_the_outcome_its_row_states(world, request, case, command
     assert observed == outcome, f"{case} / {command}: observed {observed!r}\n{out[-1500:]}\n{err[-1500:]}"
     if "warns once" in outcome:
         assert err.count("damaged shard") == 1
+
+
+def test_a_damaged_shard_keeps_exactly_the_samples_before_the_damage(world, tmp_path, capsys):
+    """The truncated shard gives every sample whose successor's first member precedes the cut (the one in
+    progress is lost), the next shard is read whole, the read counts once; a pool of shards that all break
+    before a sample is an error, not an endless loop. Mutations seen to fail: ``on_damage`` called with
+    ``read + 1``; ``DamagedShards`` without its ``samples_read == 0`` guard (100 draws of the junk shard
+    end quietly instead of raising; a resampled stream would loop for ever)."""
+    import itertools
+    import tarfile
+    from collections import Counter
+
+    from flyt.data.webdataset import tar_samples
+    from flyt.errors import FlytError
+
+    folders, _, _ = world
+    pool = folders["truncated_tar"] / "pool"
+    whole = tmp_path / "whole"
+    toydata.write_pool(whole, faulty_pool.SAMPLES, n_shards=faulty_pool.SHARDS, seed=0, corruption={})
+    cut = (pool / "00000001.tar").stat().st_size
+    with tarfile.open(whole / "00000001.tar") as tar:
+        firsts = {}  # key -> end of its first member's data
+        for m in tar:
+            firsts.setdefault(m.name.partition(".")[0], m.offset_data + m.size)
+    keys = list(firsts)
+    expected = [k for k, nxt in zip(keys, keys[1:]) if firsts[nxt] <= cut]
+    skipped, reported = Counter(), []
+    damage = DamagedShards(skipped, 2)
+    samples = list(tar_samples([str(pool / "00000001.tar"), str(pool / "00000000.tar")],
+                               on_damage=lambda url, msg, n: (reported.append(n), damage(url, msg, n))))
+    kept = [s["__key__"] for s in samples if s["__url__"].endswith("00000001.tar")]
+    assert 0 < len(expected) < len(keys) and kept == expected and reported == [len(expected)]
+    assert all({"jpg", "txt", "json"} <= set(s) for s in samples)
+    assert len(samples) - len(kept) == faulty_pool.SAMPLES // faulty_pool.SHARDS and skipped == {"damaged_shard": 1}
+    junk = tmp_path / "junk.tar"
+    junk.write_bytes(b"not a tar" * 100)
+    with pytest.raises(FlytError, match=r"no shard can be read: cannot read .*junk\.tar"):
+        list(tar_samples(itertools.repeat(str(junk), 100), on_damage=DamagedShards(Counter(), 1)))
