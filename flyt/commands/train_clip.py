@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -131,7 +132,8 @@ def train_clip(cfg):
     uids, counts = seen.result()
     return {"checkpoint": str(path), "steps": cfg.steps, "seconds": round(time.time() - start, 1),
             "final_loss": last, "unique_samples_seen": len(uids),
-            "skipped_samples": sum(sum(c.values()) for c in skipped.values())}, (uids, counts)
+            "skipped_samples": sum(sum(c.values()) for c in skipped.values()),
+            "skipped": dict(sorted(sum(map(Counter, skipped.values()), Counter()).items()))}, (uids, counts)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 from collections import Counter
 
 from PIL import Image
@@ -18,8 +19,10 @@ def _image(raw: dict):
     if data is None:
         return None
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            return img.convert("RGB")
+        with warnings.catch_warnings():  # past MAX_IMAGE_PIXELS PIL only warns, then decodes gigabytes
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                return img.convert("RGB")
     except Exception:  # any decoder failure means "undecodable", which pools are full of
         return None
 
@@ -29,7 +32,7 @@ def _text(raw: dict, key: str = "txt") -> str | None:
     if data is None:
         return None
     try:
-        return data.decode("utf-8").strip()
+        return data.decode("utf-8").strip() or None  # an empty caption or label says nothing: missing
     except UnicodeDecodeError:
         return None
 

@@ -11,30 +11,60 @@ and it stays torch-free (``flyt score`` of an M-FLYT pool lists ids without load
 
 from __future__ import annotations
 
+import sys
 import tarfile
+from collections import Counter
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from flyt.errors import FlytError
 
 
-def tar_samples(shards: Iterable[str | dict]) -> Iterator[dict]:
+def tar_samples(shards: Iterable[str | dict], on_damage: Callable[[str, str, int], None] | None = None
+                ) -> Iterator[dict]:
     """The samples of the shards in order (paths, or webdataset's ``{"url": ...}`` dicts, e.g. a resampled
-    stream of them), each with ``__url__``; an unreadable shard is a one-line :class:`FlytError` naming it."""
+    stream of them), each with ``__url__``. A shard that cannot be read to its end (truncated, not a tar,
+    a duplicated member) is a one-line :class:`FlytError` naming it; with ``on_damage``, the samples before
+    the damage are kept and ``on_damage(url, message, samples_read)`` is called instead, then the next
+    shard is read. Each shard is grouped on its own, so a broken one never lends members to the next."""
     import webdataset as wds
 
-    reading = ["a shard"]  # the shard being read: webdataset's grouping errors do not name it
+    for shard in shards:
+        source = shard if isinstance(shard, dict) else {"url": str(shard)}
+        read = 0
+        try:
+            for sample in wds.tarfile_samples([dict(source)], handler=wds.reraise_exception):
+                read += 1
+                yield sample
+        except Exception as exc:  # webdataset's errors do not name the shard in a readable way
+            message = f"cannot read {source['url']}: {exc.args[0] if exc.args else exc}"
+            if on_damage is None:
+                raise FlytError(message) from None
+            on_damage(source["url"], message, read)
 
-    def urls():
-        for shard in shards:
-            source = shard if isinstance(shard, dict) else {"url": str(shard)}
-            reading[0] = source["url"]
-            yield source
 
-    def reraise_with_shard(exc: Exception) -> bool:
-        raise FlytError(f"cannot read {reading[0]}: {exc.args[0] if exc.args else exc}") from None
+class DamagedShards:
+    """A training stream's ``on_damage``: a shard that breaks off costs only what follows the damage.
 
-    return wds.tarfile_samples(urls(), handler=reraise_with_shard)
+    Each broken read counts once in ``skipped["damaged_shard"]``; the shard is named once per process on
+    stderr. When every one of the ``shards`` distinct shards broke before its first sample, nothing can
+    ever be read: a :class:`FlytError` instead of an endless loop over them."""
+
+    named: set[str] = set()  # per process, so a shard drawn again and again is named once
+
+    def __init__(self, skipped: Counter, shards: int | None = None):
+        self.skipped, self.shards, self.empty = skipped, shards, set()
+
+    def __call__(self, url: str, message: str, samples_read: int) -> None:
+        self.skipped["damaged_shard"] += 1
+        if url not in self.named:
+            self.named.add(url)
+            print(f"flyt: skipping the rest of a damaged shard ({samples_read} samples kept): {message}",
+                  file=sys.stderr, flush=True)
+        if samples_read == 0:
+            self.empty.add(url)
+            if self.shards is not None and len(self.empty) >= self.shards:
+                raise FlytError(f"no shard can be read: {message}")
 
 
 def member_name(name: str) -> tuple[str, str]:

@@ -18,7 +18,7 @@ import webdataset as wds
 
 from flyt.data.samples import decode_pair
 from flyt.data.subset import UID_DTYPE, load_subset, sort_order, uids_to_array
-from flyt.data.webdataset import tar_samples
+from flyt.data.webdataset import DamagedShards, tar_samples
 from flyt.streams.workers import current_worker, worker_share
 
 
@@ -79,7 +79,8 @@ class SubsetStream(torch.utils.data.IterableDataset):
     def _selected(self, epoch: int, skipped: Counter):
         order = list(self.shards)
         random.Random(hash((self.seed, epoch))).shuffle(order)
-        for raw in tar_samples(worker_share(order, self.rank, self.world_size)):
+        share = worker_share(order, self.rank, self.world_size)
+        for raw in tar_samples(share, on_damage=DamagedShards(skipped, len(share))):
             sample = decode_pair(raw, skipped)
             if sample is None:
                 continue

@@ -21,7 +21,7 @@ from flyt.data.samples import decode_labelled, decode_pair
 from flyt.data.scores import ScoreLookup
 from flyt.data.shards import Source, list_shards
 from flyt.data.tasks import Task
-from flyt.data.webdataset import tar_samples
+from flyt.data.webdataset import DamagedShards, tar_samples
 from flyt.errors import FlytError
 from flyt.streams.workers import current_worker
 
@@ -62,8 +62,12 @@ def _resampled(shards: list[str], weights: list[float], rng: random.Random) -> I
         yield {"url": rng.choices(shards, weights)[0]}
 
 
-def _raw_samples(shards: list[str], weights: list[float], rng: random.Random, buffer: int) -> Iterator[dict]:
-    return wds.shuffle(buffer, min(buffer, 100), rng=rng)(tar_samples(_resampled(shards, weights, rng)))
+def _raw_samples(shards: list[str], weights: list[float], rng: random.Random, buffer: int,
+                 skipped: Counter) -> Iterator[dict]:
+    """Samples of shards drawn with replacement; a damaged shard gives what precedes the damage (counted
+    in ``skipped``): one broken file of a huge pool must not end a run of hours."""
+    samples = tar_samples(_resampled(shards, weights, rng), on_damage=DamagedShards(skipped, len(set(shards))))
+    return wds.shuffle(buffer, min(buffer, 100), rng=rng)(samples)
 
 
 def held_out(key: str, fraction: float) -> bool:
@@ -86,12 +90,12 @@ class TrainStream(torch.utils.data.IterableDataset):
         shards = [s for src in cfg.sources for s in src.shards]
         weights = [src.weight for src in cfg.sources for _ in src.shards]
         upstream = None if cfg.downstream_only else self._decoded(
-            _raw_samples(shards, weights, rng, cfg.shuffle_buffer), lambda raw: decode_pair(raw, skipped))
+            _raw_samples(shards, weights, rng, cfg.shuffle_buffer, skipped), lambda raw: decode_pair(raw, skipped))
         if cfg.downstream_clip:
-            down = [self._decoded(self._split(self._mixed_task_samples(rng)),
+            down = [self._decoded(self._split(self._mixed_task_samples(rng, skipped)),
                                   lambda raw: decode_labelled(raw, skipped, True))]
         else:
-            down = [self._decoded(self._split(_raw_samples(s, [1.0] * len(s), rng, cfg.shuffle_buffer)),
+            down = [self._decoded(self._split(_raw_samples(s, [1.0] * len(s), rng, cfg.shuffle_buffer, skipped)),
                                   lambda raw: decode_labelled(raw, skipped)) for s in cfg.task_shards]
         while True:
             step = {"worker": worker}
@@ -118,7 +122,7 @@ class TrainStream(torch.utils.data.IterableDataset):
                 out["image"] = self.preprocess(out["image"])
                 yield out
 
-    def _mixed_task_samples(self, rng: random.Random) -> Iterator[dict]:
+    def _mixed_task_samples(self, rng: random.Random, skipped: Counter) -> Iterator[dict]:
         """All tasks in one stream: shards equally likely, or tasks equally likely (``dataset_weighted``),
         scaled by the task weights."""
         cfg = self.cfg
@@ -127,7 +131,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         for shard_list, w in zip(cfg.task_shards, task_w):
             shards += shard_list
             weights += [w / len(shard_list) if cfg.dataset_weighted else w] * len(shard_list)
-        return _raw_samples(shards, weights, rng, cfg.shuffle_buffer)
+        return _raw_samples(shards, weights, rng, cfg.shuffle_buffer, skipped)
 
     def _upstream_batch(self, stream: Iterator[dict]) -> dict:
         samples = [next(stream) for _ in range(self.cfg.upstream_batch)]

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,6 +134,7 @@ class Trainer:
         self.loss_scale = LossScale(cfg.scaler_scale, dynamic=True) if cfg.precision == "amp" else LossScale()
         self.step, self.epoch = 0, 0
         self.skipped_steps = 0
+        self.skipped_causes = {}  # the streams' skipped samples (and damaged shard reads) by cause
         self.skipped_in_a_row = 0  # steps since the last finite one; past MAX_SKIPPED_IN_A_ROW the run stops
         self.signals = StopSignal(stop_on_sigterm=False)
         self.probe: Probe | None = None
@@ -310,6 +312,7 @@ class Trainer:
                 logger.close()
         return {"run_dir": str(self.run_dir), "steps": self.step, "seconds": round(time.time() - start, 1),
                 "skipped_steps": self.skipped_steps, "skipped_samples": last.get("skipped_samples", 0),
+                "skipped": self.skipped_causes,
                 "final": {k: v for k, v in last.items() if "loss" in k or k.startswith("mixer/")},
                 **({"val_best": self.validation.state()} if self.validation else {})}
 
@@ -338,6 +341,7 @@ class Trainer:
                 last = self.train_step(bundle)
                 last["samples_per_s"] = cfg.upstream_batch_size / max(time.time() - tick, 1e-9)
                 last["skipped_samples"] = sum(sum(c.values()) for c in skipped_samples.values())
+                self.skipped_causes = dict(sorted(sum(map(Counter, skipped_samples.values()), Counter()).items()))
                 bar.update(1)
                 if self._logs(self.step):
                     logger.log(last)
