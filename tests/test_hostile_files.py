@@ -74,3 +74,21 @@ def test_a_checkpoint_that_runs_code_is_refused(world, name, capsys):
     assert len(errors) == 1 and "refused: unpickling it would call exec" in errors[0], err
     assert ("evil.pt" in errors[0] or "scoring_epoch_latest.pt" in errors[0]) and "Traceback" not in err
     assert not (world / "PWNED").exists()
+
+
+def test_a_shard_named_like_a_shell_command_is_read_as_a_file(tmp_path, monkeypatch):
+    """webdataset's URL opener runs ``pipe:CMD`` names as shell commands; flyt opens shards itself, so a
+    (relative) shard path that starts with ``pipe:`` is just a file. Mutation checked: ``tar_samples``
+    handing the name to ``wds.tarfile_samples`` again (the command runs and creates the marker)."""
+    import shutil
+
+    from flyt.data.webdataset import tar_samples
+
+    toydata.write_pool(tmp_path / "pool", 8, n_shards=1, seed=0)
+    monkeypatch.chdir(tmp_path)
+    [shard] = sorted((tmp_path / "pool").glob("*.tar"))
+    name = f"pipe:touch PWNED; cat {shard.name}"
+    shutil.copy(shard, tmp_path / name)
+    shutil.copy(shard, tmp_path / shard.name)
+    assert sum(1 for _ in tar_samples([name])) == 8
+    assert not (tmp_path / "PWNED").exists()

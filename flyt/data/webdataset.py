@@ -27,15 +27,20 @@ def tar_samples(shards: Iterable[str | dict], on_damage: Callable[[str, str, int
     a duplicated member) is a one-line :class:`FlytError` naming it; with ``on_damage``, the samples before
     the damage are kept and ``on_damage(url, message, samples_read)`` is called instead, then the next
     shard is read. Each shard is grouped on its own, so a broken one never lends members to the next."""
-    import webdataset as wds
+    from webdataset import tariterators
 
     for shard in shards:
         source = shard if isinstance(shard, dict) else {"url": str(shard)}
         read = 0
         try:
-            for sample in wds.tarfile_samples([dict(source)], handler=wds.reraise_exception):
-                read += 1
-                yield sample
+            # the file is opened here, not by webdataset's URL opener, which runs a "pipe:..." name as a shell
+            # command: a shard is a local file, whatever its name says
+            with open(source["url"], "rb") as stream:
+                members = tariterators.tar_file_expander([{**source, "stream": stream}],
+                                                         handler=tariterators.reraise_exception)
+                for sample in tariterators.group_by_keys(members, handler=tariterators.reraise_exception):
+                    read += 1
+                    yield sample
         except Exception as exc:  # webdataset's errors do not name the shard in a readable way
             message = f"cannot read {source['url']}: {exc.args[0] if exc.args else exc}"
             if on_damage is None:
