@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from flyt.demo.steps import CLIP_SCORE, CORRUPTION, INPUT_FIELDS, TASK
+from flyt.demo.steps import CLIP_SCORE, CORRUPTION, INPUT_SCORES, TASK, TEACHER
 
 STEPS = "flyt.demo.steps"  # first word of a demo-only step: run as `python -m flyt.demo.steps ...`
 KEEP = 0.4  # share of the usable pool each filtered subset holds as distinct examples
@@ -137,11 +137,17 @@ def scoring_checkpoint(run_dir: Path) -> Path:
 
 
 def m_flyt_inputs(step: Pipeline, data: Path, base: Path, model: str) -> list[str]:
-    """M-FLYT's input columns, written to ``data/scores`` (one of them ``CLIP_SCORE``); returns their names.
-    The one place that decides where M-FLYT's inputs come from (today the demo's own statistics step)."""
-    step(STEPS, "inputs", "--upstream_data_dir", data / "pool", "--base", base, "--model", model,
-         "--output", data / "scores")
-    return list(INPUT_FIELDS)
+    """M-FLYT's input columns in ``data/scores`` (one of them ``CLIP_SCORE``); returns their names. ``flyt
+    features`` computes them (the base's CLIP score and negCLIPLoss, NormSim-inf to the task's training
+    images, caption words) into ``data/features``; the demo's ``standardise`` step puts them on one scale."""
+    import pyarrow.parquet as pq
+
+    step("features", "--upstream_data_dir", data / "pool", "--output", data / "features",
+         "--teacher", f"{TEACHER}={model}:{base}", "--scores", *INPUT_SCORES, "--target_tasks", data / "tasks" / TASK,
+         "--neg_clip_batch_size", 128, "--batch_size", 128, "--workers", 0)
+    step(STEPS, "standardise", "--features", data / "features", "--output", data / "scores")
+    names = pq.read_schema(next((data / "scores").glob("*_scores.parquet"))).names
+    return [n for n in names if n not in ("key", "uid")]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -186,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
               "--output_dir", runs, "--log_every_n_steps", 10,
               # held out: a fifth of the task's training split, two batches every 10 steps (~10% more time)
               "--val_every", 10, "--val_batches", 2, "--val_fraction", 0.2, "--keep_best"]
-    # FLYT: flyt train's default scoring rate, 1e-3 * sqrt(128 / 4096). M-FLYT's mixer is 4 numbers (3 weights
+    # FLYT: flyt train's default scoring rate, 1e-3 * sqrt(128 / 4096). M-FLYT's mixer is 5 numbers (4 weights
     # and a bias) on standardised inputs, starting at 0; AdamW moves each by at most ~lr per step, so for
     # weights of order 1 (a score spread SCS can act on) within ~100 steps a user passes lr ~ 1e-2.
     step.parallel({
