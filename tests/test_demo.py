@@ -50,7 +50,40 @@ def test_quick_demo_writes_every_report_section(quick_demo):
     assert "flyt train --upstream_data_dir" in report and "flyt eval --model flyt-tiny --pretrained" in report
     assert "| FLYT + SCS vs CLIP-score top-k | 1 |" in report and "not distinguishable with 1 seed" in report
     assert "Every one of the 7 CLIPs trained on **5,120 samples seen** (40 steps of batch 128" in report
-    assert "| clip_score | " in report and "| **the mix (M-FLYT score)** | | " in report
+    assert "| clip_score_base | " in report and "| **the mix (M-FLYT score)** | | " in report
+
+
+def test_m_flyt_inputs_come_from_flyt_features(quick_demo):
+    """M-FLYT trains on ``flyt features``' columns of the base CLIP (and caption words), standardised by the
+    demo's step, and the report gives each input's AUC beside its weight.
+
+    Mutation caught: m_flyt_inputs leaving caption_words out of the fields it returns (M-FLYT's
+    parquet_fields differ)."""
+    report = (quick_demo / "report" / "report.md").read_text()
+    fields = ["clip_score_base", "neg_clip_loss_base", "normsim_inf_base", "caption_words"]
+    assert json.loads((quick_demo / "runs" / "mflyt" / "config.json").read_text())["parquet_fields"] == fields
+    assert any(line.startswith("flyt features --upstream_data_dir") and "--teacher base=flyt-tiny:" in line
+               for line in report.splitlines())
+    for field in fields:
+        assert f"| {field} | " in report
+
+
+def test_standardise_scales_every_column_by_the_whole_pool(tmp_path):
+    """Two shards' files on different levels: each column becomes (x - pool mean) / pool std, file by file,
+    key and uid kept. Mutation caught: scaling each file by its own mean and std (values differ)."""
+    rng = np.random.default_rng(0)
+    frames = [pd.DataFrame({"key": [f"{i}{j}" for j in range(20)], "uid": [f"{i:031d}{j:x}" for j in range(20)],
+                            "clip_score_base": rng.normal(i, 0.1, 20).astype("float32"),
+                            "caption_words": rng.integers(1, 9, 20).astype("float32") * (i + 1)}) for i in range(2)]
+    for i, frame in enumerate(frames):
+        frame.to_parquet(tmp_path / f"{i:08d}_scores.parquet")
+    assert demo_step(["standardise", "--features", str(tmp_path), "--output", str(tmp_path / "out")]) == 0
+    pool = pd.concat(frames)
+    fields = ["clip_score_base", "caption_words"]
+    expected = (pool[fields].astype("float64") - pool[fields].astype("float64").mean()) / pool[fields].astype("float64").std()
+    done = pd.concat(pd.read_parquet(tmp_path / "out" / f"{i:08d}_scores.parquet") for i in range(2))
+    assert list(done.uid) == list(pool.uid) and list(done.key) == list(pool.key)
+    np.testing.assert_allclose(done[fields].to_numpy(), expected.to_numpy(), rtol=1e-12)
 
 
 def test_the_reproduce_section_rebuilds_the_demo_data_and_score_files(quick_demo, tmp_path):
@@ -60,7 +93,7 @@ def test_the_reproduce_section_rebuilds_the_demo_data_and_score_files(quick_demo
     Mutation caught: `scores` drawing the oracle's tie-breaks from an unseeded generator (files differ)."""
     report = (quick_demo / "report" / "report.md").read_text()
     lines = [line for line in report.splitlines() if line.startswith("python -m flyt.demo.steps ")]
-    assert [shlex.split(line)[3] for line in lines] == ["data", "inputs", "scores", "scores"]
+    assert [shlex.split(line)[3] for line in lines] == ["data", "standardise", "scores", "scores"]
     data = quick_demo / "data"
     for line in (lines[0], lines[3]):  # the pool and the oracle's scores (a seeded draw)
         argv = shlex.split(line.replace(str(data), str(tmp_path)))
@@ -180,9 +213,9 @@ def test_unequal_compute_is_reported_from_the_runs_own_outputs(tmp_path):
 
 @pytest.mark.parametrize("argv, flag", [(["data", "--pool_size", "10", "--shards", "20"], "--shards"),
                                         (["scores", "--kind", "random", "--truth", "TMP/none.parquet"], "--truth"),
-                                        (["inputs", "--upstream_data_dir", "TMP", "--base", "TMP/b.pt"], "--upstream_data_dir")])
+                                        (["standardise", "--features", "TMP"], "--features")])
 def test_demo_steps_refuse_bad_input_in_one_line(tmp_path, capsys, argv, flag):
-    """A shard count above the pool size, a missing truth file, an empty pool folder: one line naming the flag,
+    """A shard count above the pool size, a missing truth file, an empty features folder: one line naming the flag,
     nothing written. Mutation caught: write_data without its own check (toydata's ValueError escapes)."""
     argv = [a.replace("TMP", str(tmp_path)) for a in argv] + ["--output", str(tmp_path / "out")]
     assert demo_step(argv) == 2
@@ -204,8 +237,8 @@ def _outputs(cell) -> tuple[str, int]:
 
 
 def test_examples_notebook_runs_on_the_quick_demo(quick_demo, tmp_path, monkeypatch):
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
+    import nbclient
+    import nbformat
 
     stored = nbformat.read(NOTEBOOK, as_version=4)
     code_cells = [cell for cell in stored.cells if cell.cell_type == "code"]

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from flyt.demo.steps import CLIP_SCORE, CORRUPTION, INPUT_FIELDS, TASK
+from flyt.demo.steps import CLIP_SCORE, CORRUPTION, INPUT_SCORES, TASK, TEACHER
 
 STEPS = "flyt.demo.steps"  # first word of a demo-only step: run as `python -m flyt.demo.steps ...`
 KEEP = 0.4  # share of the usable pool each filtered subset holds as distinct examples
@@ -27,9 +27,13 @@ KEEP = 0.4  # share of the usable pool each filtered subset holds as distinct ex
 @dataclass(frozen=True)
 class Plan:
     """Sizes of one demo run. The base needs ~350 steps of batch 128 to leave the tiny CLIP's initial
-    plateau on this pool; the yardstick CLIPs are short, so a cleaner subset shows as a faster start.
-    Every subset's CLIP trains once per seed (the same seeds for all): 5 seeds give paired t intervals of
-    about 1.2 standard deviations of the per-seed differences, in about 5 minutes alone on 2 cores."""
+    plateau on this pool. The yardstick CLIPs are short, so a cleaner subset shows as a faster start; at
+    equal samples seen, batch 64 takes twice the updates of batch 128 and leaves the plateau on clean pairs
+    where batch 128 often does not (the probe in the README's demo section), for about 1.2 times the time
+    per CLIP (side by side on 2 cores: 80 steps of batch 64 in 66 s, 40 of batch 128 in 54 s). The quick
+    run keeps batch 128: its one seed gives no verdict, and it must stay fast. Every subset's CLIP trains
+    once per seed (the same seeds for all): 5 seeds give paired t intervals of about 1.2 standard
+    deviations of the per-seed differences."""
 
     pool: int
     shards: int
@@ -37,10 +41,11 @@ class Plan:
     flyt_steps: int
     clip_steps: int
     seeds: int
-    batch: int = 128
+    batch: int = 128  # base CLIP and FLYT training
+    clip_batch: int = 64  # the yardstick CLIPs
 
 
-PLANS = {"full": Plan(3000, 6, 500, 100, 100, 5), "quick": Plan(1200, 3, 150, 20, 40, 1)}
+PLANS = {"full": Plan(3000, 6, 500, 100, 200, 5), "quick": Plan(1200, 3, 150, 20, 40, 1, clip_batch=128)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -137,11 +142,17 @@ def scoring_checkpoint(run_dir: Path) -> Path:
 
 
 def m_flyt_inputs(step: Pipeline, data: Path, base: Path, model: str) -> list[str]:
-    """M-FLYT's input columns, written to ``data/scores`` (one of them ``CLIP_SCORE``); returns their names.
-    The one place that decides where M-FLYT's inputs come from (today the demo's own statistics step)."""
-    step(STEPS, "inputs", "--upstream_data_dir", data / "pool", "--base", base, "--model", model,
-         "--output", data / "scores")
-    return list(INPUT_FIELDS)
+    """M-FLYT's input columns in ``data/scores`` (one of them ``CLIP_SCORE``); returns their names. ``flyt
+    features`` computes them (the base's CLIP score and negCLIPLoss, NormSim-inf to the task's training
+    images, caption words) into ``data/features``; the demo's ``standardise`` step puts them on one scale."""
+    import pyarrow.parquet as pq
+
+    step("features", "--upstream_data_dir", data / "pool", "--output", data / "features",
+         "--teacher", f"{TEACHER}={model}:{base}", "--scores", *INPUT_SCORES, "--target_tasks", data / "tasks" / TASK,
+         "--neg_clip_batch_size", 128, "--batch_size", 128, "--workers", 0)
+    step(STEPS, "standardise", "--features", data / "features", "--output", data / "scores")
+    names = pq.read_schema(next((data / "scores").glob("*_scores.parquet"))).names
+    return [n for n in names if n not in ("key", "uid")]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -186,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
               "--output_dir", runs, "--log_every_n_steps", 10,
               # held out: a fifth of the task's training split, two batches every 10 steps (~10% more time)
               "--val_every", 10, "--val_batches", 2, "--val_fraction", 0.2, "--keep_best"]
-    # FLYT: flyt train's default scoring rate, 1e-3 * sqrt(128 / 4096). M-FLYT's mixer is 4 numbers (3 weights
+    # FLYT: flyt train's default scoring rate, 1e-3 * sqrt(128 / 4096). M-FLYT's mixer is 5 numbers (4 weights
     # and a bias) on standardised inputs, starting at 0; AdamW moves each by at most ~lr per step, so for
     # weights of order 1 (a score spread SCS can act on) within ~100 steps a user passes lr ~ 1e-2.
     step.parallel({
@@ -233,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
     step.parallel({exp: [
         ["train-clip", "--upstream_data_dir", data / "pool", "--subset", subsets / f"{name}.npy",
          "--model", model, "--output_dir", runs, "--exp_name", exp, "--steps", plan.clip_steps, "--batch_size",
-         plan.batch, "--lr", "3e-3", "--warmup", 20, "--seed", seed + s, "--workers", 0],
+         plan.clip_batch, "--lr", "3e-3", "--warmup", 20, "--seed", seed + s, "--workers", 0],
         ["eval", "--model", model, "--pretrained", runs / exp / "checkpoints" / "epoch_latest.pt",
          "--datacomp_eval_dir", data / "tasks", "--downstream_task_names", "digits", "--output",
          runs / exp / "eval.jsonl", "--workers", 0]]

@@ -284,7 +284,7 @@ def write_report(root: Path, plan, truth: pd.DataFrame, results: list[dict], com
     lines = ["# flyt demo report", "",
              f"Pool: {len(truth)} digit image-caption pairs ({int(truth.clean.sum())} clean; corrupted kinds: "
              f"{', '.join(f'{k} {v}' for k, v in truth.kind.value_counts().items() if k != 'clean')}). "
-             f"Every CLIP below trains {plan.clip_steps} steps of batch {plan.batch} on its subset, once per seed "
+             f"Every CLIP below trains {plan.clip_steps} steps of batch {plan.clip_batch} on its subset, once per seed "
              f"({results.seed.nunique()} seed(s), the same for every subset); accuracy is zero-shot top-1 on the digits "
              f"task's held-out test split (chance 0.10). Total time {seconds:.0f} s.", "",
              SECTIONS[0], "", "| method | " + " | ".join(f"seed {s}" for s in per_seed) + " | mean | ± std |",

@@ -1,9 +1,9 @@
-"""The demo's own steps as commands a user can paste: ``python -m flyt.demo.steps {data,inputs,scores} ...``.
+"""The demo's own steps as commands a user can paste: ``python -m flyt.demo.steps {data,standardise,scores} ...``.
 
 Everything else ``flyt demo`` runs is a public ``flyt`` subcommand; these three make the rest of its
 pipeline reproducible from a shell too: the digit pool with its ground truth and the task
-(``data``), M-FLYT's input columns (``inputs``) and the score files of the two reference filters that
-need the ground truth (``scores``: random and the oracle).
+(``data``), M-FLYT's inputs standardised from ``flyt features``' columns (``standardise``) and the score
+files of the two reference filters that need the ground truth (``scores``: random and the oracle).
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from pathlib import Path
 
 CORRUPTION = {"wrong_caption": 0.25, "unrelated_caption": 0.15, "noise_image": 0.1, "near_duplicate": 0.1}
 TASK = "wds_digits_test"  # clip_benchmark's folder name for a task called "digits"
-INPUT_FIELDS = ("clip_score", "image_std", "caption_length")
-CLIP_SCORE = "clip_score"  # the input column holding the base's CLIP score: the CLIP-score top-k baseline
+TEACHER = "base"  # flyt features' alias of the base CLIP: its columns are <score>_base
+INPUT_SCORES = ("clip_score", "neg_clip_loss", "normsim_inf", "caption_words")  # flyt features --scores
+CLIP_SCORE = f"clip_score_{TEACHER}"  # the input column holding the base's CLIP score: the CLIP-score top-k baseline
 KINDS = ("random", "oracle")  # reference score files of `scores`
 
 
@@ -36,54 +37,34 @@ def write_data(output: Path, pool_size: int, shards: int, seed: int, broken: int
           f"{broken} undecodable), {output / 'tasks' / TASK} and {output / 'truth.parquet'}")
 
 
-def _pool_statistics(pool_dir: Path, out_dir: Path, base_ckpt: Path, model: str) -> list[str]:
-    """M-FLYT input scores: the base CLIP's image-text cosine similarity and two cheap statistics.
-
-    Each column is standardised over the pool (zero mean, unit variance), as one would prepare scores of
-    different ranges for a linear mixer; otherwise the widest-ranged column dominates the initial mix.
-    """
-    from flyt.data.shards import list_shards
+def standardise(features: Path, output: Path) -> list[str]:
+    """Each score column of a ``flyt features`` folder standardised over the pool (zero mean, unit variance),
+    one ``<shard>_scores.parquet`` per input file: M-FLYT's mixer takes its inputs as they are and starts at
+    0, so without this the widest-ranged column dominates the first steps and weight decay acts unevenly."""
     from flyt.errors import FlytError
 
-    shards = list_shards(pool_dir, "--upstream_data_dir")  # both checks before torch loads
-    if not base_ckpt.is_file():
-        raise FlytError(f"--base {base_ckpt}: no such checkpoint file")
+    files = sorted(features.glob("*_scores.parquet")) if features.is_dir() else []
+    if not files:
+        raise FlytError(f"--features {features}: expected a folder of <shard>_scores.parquet (flyt features --output)")
 
-    import numpy as np
     import pandas as pd
-    import torch
-    import webdataset as wds
-    from collections import Counter
 
     from flyt.atomic import atomic_path
-    from flyt.data.samples import decode_pair
-    from flyt.models.networks import create_clip
-    clip, _, preprocess, tokenizer = create_clip(model, str(base_ckpt))
-    clip.eval()
-    frames, skipped = {}, Counter()
-    for shard in shards:
-        rows = [s for s in (decode_pair(raw, skipped) for raw in wds.tarfile_samples([{"url": shard}])) if s is not None]
-        if not rows:
-            continue
-        with torch.no_grad():
-            img = clip.encode_image(torch.stack([preprocess(r["image"]) for r in rows]), normalize=True)
-            txt = clip.encode_text(tokenizer([r["text"] for r in rows]), normalize=True)
-        frames[Path(shard).stem] = pd.DataFrame({
-            "key": [r["key"] for r in rows], "uid": [r["uid"] for r in rows],
-            "clip_score": (img * txt).sum(-1).numpy().astype("float64"),
-            "image_std": [float(np.asarray(r["image"], dtype=np.float64).std()) for r in rows],
-            "caption_length": [float(len(r["text"])) for r in rows]})
-    if not frames:
-        raise FlytError(f"--upstream_data_dir {pool_dir}: no decodable sample")
-    fields = list(INPUT_FIELDS)
+
+    frames = {path.name: pd.read_parquet(path) for path in files}
     pool = pd.concat(frames.values())
-    mean, std = pool[fields].mean(), pool[fields].std()
-    for stem, frame in frames.items():
-        frame[fields] = (frame[fields] - mean) / std
-        with atomic_path(out_dir / f"{stem}_scores.parquet") as tmp:
+    fields = [c for c in pool.columns if c not in ("key", "uid")]
+    mean, std = pool[fields].astype("float64").mean(), pool[fields].astype("float64").std()
+    flat = [f for f in fields if not std[f] > 0]
+    if flat:
+        raise FlytError(f"--features {features}: column(s) {', '.join(flat)} take one value over the pool: nothing to standardise")
+    output.mkdir(parents=True, exist_ok=True)
+    for name, frame in frames.items():
+        frame[fields] = (frame[fields].astype("float64") - mean) / std
+        with atomic_path(output / name) as tmp:
             frame.to_parquet(tmp)
-    print(f"wrote {len(frames)} score files to {out_dir}: {len(pool)} samples, columns {', '.join(fields)} "
-          f"(standardised); skipped {sum(skipped.values())} undecodable {dict(skipped)}")
+    print(f"wrote {len(frames)} score files to {output}: {len(pool)} samples, columns {', '.join(fields)} standardised "
+          f"(means {', '.join(f'{mean[f]:.3g}' for f in fields)}; stds {', '.join(f'{std[f]:.3g}' for f in fields)})")
     return fields
 
 
@@ -117,11 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--shards", type=int, required=True, help="WebDataset shards of the pool")
     data.add_argument("--broken", type=int, default=5, help="undecodable samples on top (default 5)")
     data.add_argument("--seed", type=int, default=0, help="seed of the pool and the task (default 0)")
-    inputs = sub.add_parser("inputs", help="M-FLYT's input columns: the base CLIP's score, image std, caption length")
-    inputs.add_argument("--upstream_data_dir", type=Path, required=True, help="the pool's shards")
-    inputs.add_argument("--base", type=Path, required=True, help="checkpoint of the base CLIP (flyt train-clip)")
-    inputs.add_argument("--model", default="flyt-tiny", help="the base's architecture (default flyt-tiny)")
-    inputs.add_argument("--output", type=Path, required=True, help="folder for <shard>_scores.parquet")
+    inputs = sub.add_parser("standardise", help="M-FLYT's inputs: a flyt features folder's columns standardised over the pool")
+    inputs.add_argument("--features", type=Path, required=True, help="a flyt features --output folder")
+    inputs.add_argument("--output", type=Path, required=True, help="folder for the standardised <shard>_scores.parquet")
     scores = sub.add_parser("scores", help="score file of a reference filter that reads the ground truth")
     scores.add_argument("--truth", type=Path, required=True, help="truth.parquet written by `data`")
     scores.add_argument("--kind", choices=KINDS, required=True, help="random, or clean pairs first")
@@ -137,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.step == "data":
             write_data(args.output, args.pool_size, args.shards, args.seed, args.broken)
-        elif args.step == "inputs":
-            _pool_statistics(args.upstream_data_dir, args.output, args.base, args.model)
+        elif args.step == "standardise":
+            standardise(args.features, args.output)
         else:
             write_reference_scores(args.truth, args.kind, args.seed, args.output)
     except FlytError as exc:
