@@ -44,6 +44,8 @@ def local_ray():
     import ray.cloudpickle
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    if ray.is_initialized():  # a local Ray an earlier test's command started in this process (it keeps it)
+        ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
