@@ -96,7 +96,8 @@ def read_folder(folder: Path, files: list[Path], fields: list[str], values) -> t
 
 def positions(values: pa.Array, query: pa.Array) -> np.ndarray:
     """Row of each query id among ``values`` (the first row of a repeated id), -1 where it has none: a
-    one-off join (pyarrow hashes ``values`` on each call; :class:`IdIndex` serves repeated lookups)."""
+    one-off join (pyarrow hashes ``values`` on each call; :class:`IdIndex` serves repeated lookups).
+    A query equal to ``values`` row for row is the row-aligned layout and maps row i to row i."""
     if query.type != values.type:
         query = query.cast(values.type)
     if len(query) == len(values) and pc.all(pc.equal(query, values), skip_nulls=False).as_py() is True:

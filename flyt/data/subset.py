@@ -194,7 +194,7 @@ def save_subset(path: str | os.PathLike, uids, counts=None) -> int:
     arr = uids if isinstance(uids, np.ndarray) and uids.dtype == UID_DTYPE else uids_to_array(uids)
     if counts is None:
         counts = np.ones(len(arr), dtype=np.int64)
-    counts = np.asarray(counts)
+    counts = np.asarray(counts) if len(counts) else np.zeros(0, np.int64)  # [] would be float64
     if counts.shape != arr.shape or not np.issubdtype(counts.dtype, np.integer) or (counts < 0).any():
         raise FlytError(f"{path}: counts must be {len(arr)} non-negative integers, one per uid")
     if not is_sorted(arr):
