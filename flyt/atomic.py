@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from flyt.errors import StorageError
 
@@ -42,6 +42,21 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def sweep_temporaries(paths: Iterable[Path]) -> None:
+    """Remove what ``atomic_path`` left beside these outputs when a write was killed."""
+    for path in map(Path, paths):
+        if path.parent.is_dir():
+            for stale in path.parent.glob(f".{path.name}.*.tmp"):
+                stale.unlink(missing_ok=True)
+
+
+def sweep_folder(*folders: Path) -> None:
+    """Remove every ``atomic_path`` temporary in these folders (for folders only one writer writes to)."""
+    for folder in folders:
+        for stale in Path(folder).glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
 
 
 def storage_error(exc: BaseException, path=None) -> StorageError | None:

@@ -71,7 +71,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from flyt.errors import FlytError, Preempted
+    from flyt.errors import FlytError, Preempted, stop_on_sigterm
 
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(argv)
@@ -80,9 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
-    previous = _stop_on_sigterm()
+    # SIGTERM (a scheduler's pre-emption) ends any command with one line and exit code 75, not a silent 143;
+    # flyt train and the per-shard runner install their own handlers inside, which save or count their work
     try:
-        return int(module.run(args) or 0)
+        with stop_on_sigterm("stopped by SIGTERM: every output written so far is complete; rerun the same command"):
+            return int(module.run(args) or 0)
     except (FlytError, OSError, Preempted) as exc:
         from flyt.atomic import storage_error
 
@@ -92,28 +94,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"\nflyt {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return exc.exit_code
-    finally:
-        if previous is not None:
-            import signal
-
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _stop_on_sigterm():
-    """SIGTERM (a scheduler's pre-emption) ends any command with one line and exit code 75, not a silent 143:
-    the write in flight is abandoned (its temporary file removed), every output already written is complete.
-    ``flyt train`` and the per-shard runner install their own handlers, which save or count their work."""
-    import signal
-    import threading
-
-    from flyt.errors import Preempted
-
-    def stop(signum, frame):
-        raise Preempted("stopped by SIGTERM: every output written so far is complete; rerun the same command")
-
-    if threading.current_thread() is threading.main_thread():
-        return signal.signal(signal.SIGTERM, stop)
-    return None
 
 
 def _one_line(exc: Exception) -> str:

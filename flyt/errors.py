@@ -1,4 +1,8 @@
-"""The user-facing errors, so the CLI can print each as a single line."""
+"""The user-facing errors, so the CLI can print each as a single line, and SIGTERM turned into one."""
+
+import contextlib
+import signal
+import threading
 
 
 class FlytError(Exception):
@@ -21,3 +25,22 @@ class Preempted(BaseException):
     failure."""
 
     exit_code = 75
+
+
+@contextlib.contextmanager
+def stop_on_sigterm(message: str):
+    """Within the block, SIGTERM raises ``Preempted(message)`` in the main thread: the write in flight is
+    abandoned (``atomic_path`` removes its temporary as the exception unwinds), finished outputs stay.
+    Elsewhere than the main thread (where no handler can be set) the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Preempted(message)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -161,7 +161,8 @@ def run(args: argparse.Namespace) -> int:
     from flyt.atomic import atomic_path
     from flyt.jobs.features import FeaturesJob, claim_columns
     from flyt.runner.engines import make_executor
-    from flyt.runner.job import job_split, run_job, sweep_temporaries
+    from flyt.atomic import sweep_temporaries
+    from flyt.runner.job import job_split, run_job
 
     part, parts = job_split(args.shard_index, args.num_shards)
     s = build_settings(args)

@@ -41,7 +41,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from flyt import __version__
-from flyt.atomic import atomic_path
+from flyt.atomic import atomic_path, sweep_folder
 from flyt.data.webdataset import member_name
 from flyt.data.shards import list_shards
 from flyt.errors import FlytError
@@ -106,9 +106,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{out} is already complete: {meta['output_count']:,} samples in {meta['output_shard_count']} shards")
         shutil.rmtree(out / ".work", ignore_errors=True)  # left if the last run stopped right after meta.json
         return 0
-    for folder in (out, out / ".work" / "index"):  # temporaries of writes cut short by a kill
-        for stale in folder.glob(".*.tmp"):
-            stale.unlink()
+    sweep_folder(out, out / ".work" / "index")  # temporaries of writes cut short by a kill
 
     keys, counts = _unique(_uid_bytes(subset))
     index_dir = out / ".work" / "index"

@@ -18,12 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from flyt.atomic import atomic_path
+from flyt.atomic import atomic_path, sweep_temporaries
 from flyt.data.score_table import read_scores, score_files
 from flyt.data.subset import counts_table, save_subset
 from flyt.errors import FlytError
 from flyt.runner.engines import add_engine_arguments, make_executor
-from flyt.runner.job import sweep_temporaries
 from flyt.select.keyed import sample_mask
 from flyt.select.race import pool_sample, race_counts
 from flyt.select.samplers import batched_counts, count_histogram, penalty_and_cap, plan, top_counts

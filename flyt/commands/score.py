@@ -44,7 +44,8 @@ from flyt.data.score_files import Output, merge, read_stats
 from flyt.errors import FlytError
 from flyt.jobs.score import ScoreJob
 from flyt.runner.engines import add_engine_arguments, make_executor
-from flyt.runner.job import Report, job_split, run_job, share, sweep_temporaries
+from flyt.atomic import sweep_temporaries
+from flyt.runner.job import Report, job_split, run_job, share
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -39,13 +39,6 @@ def save(ckpt_dir: Path, epoch: int, scoring: dict, reference: dict, numbered: b
     (ckpt_dir / PREEMPTED).unlink(missing_ok=True)
 
 
-def sweep_temporaries(*folders: Path) -> None:
-    """Remove the temporaries of writes a kill cut short from a run's folders (only its rank 0 writes there)."""
-    for folder in folders:
-        for stale in folder.glob(".*.tmp"):
-            stale.unlink(missing_ok=True)
-
-
 def save_preempted(ckpt_dir: Path, scoring: dict, reference: dict) -> Path:
     """``preempted.pt``: both payloads of a step in mid-epoch, one atomic file."""
     with atomic_path(ckpt_dir / PREEMPTED) as tmp:

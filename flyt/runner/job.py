@@ -10,17 +10,15 @@ the units' statistics and show progress. The executors only decide *where* a uni
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
-from flyt.errors import FlytError, Preempted
+from flyt.atomic import sweep_temporaries
+from flyt.errors import FlytError, Preempted, stop_on_sigterm
 
 
 @dataclass(frozen=True)
@@ -115,14 +113,6 @@ def share(units: list[Unit], part: int, parts: int) -> list[Unit]:
     return [unit for j, unit in enumerate(units) if j % parts == part]
 
 
-def sweep_temporaries(paths: Iterable[Path]) -> None:
-    """Remove what ``atomic_path`` left beside these outputs when a write was killed."""
-    for path in paths:
-        if path.parent.is_dir():
-            for stale in path.parent.glob(f".{path.name}.*.tmp"):
-                stale.unlink(missing_ok=True)
-
-
 def run_job(job: Job, executor, part: int = 0, parts: int = 1, bar=None) -> Report:
     """Run this part's pending units of ``job`` on ``executor``; failures are recorded, not raised.
 
@@ -145,7 +135,7 @@ def run_job(job: Job, executor, part: int = 0, parts: int = 1, bar=None) -> Repo
         bar = progress.bar(total=len(mine), initial=report.already_done, desc=job.title, unit=job.unit_label)
     samples = 0
     try:
-        with _stop_on_sigterm():
+        with stop_on_sigterm("SIGTERM"):  # the message is replaced below, with the counts
             for unit, result in executor.run(job, pending):
                 if isinstance(result, BaseException):
                     report.failed[unit.name] = error_message(result)
@@ -164,24 +154,6 @@ def run_job(job: Job, executor, part: int = 0, parts: int = 1, bar=None) -> Repo
             bar.close()
     report.seconds = time.perf_counter() - started
     return report
-
-
-@contextlib.contextmanager
-def _stop_on_sigterm():
-    """SIGTERM stops the job at once: the unit in flight is abandoned (its temporary files go as the
-    exception unwinds, and a rerun redoes it), every finished unit's outputs stay."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum, frame):
-        raise Preempted("SIGTERM")
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def missing_units(job: Job, units: list[Unit] | None = None) -> list[Unit]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from flyt import progress
-from flyt.atomic import atomic_path
+from flyt.atomic import atomic_path, sweep_folder
 
 from flyt.models import checkpoint
 from flyt.method.bilevel import BilevelConfig, DownstreamBatch, flyt_step
@@ -297,7 +297,7 @@ class Trainer:
         self.signals = StopSignal(stop_on_sigterm)
         with self.signals:
             if self.comm.rank == 0:  # what a kill in a write left (metrics, config, checkpoints)
-                checkpoint.sweep_temporaries(self.run_dir, self.ckpt_dir)
+                sweep_folder(self.run_dir, self.ckpt_dir)  # only rank 0 writes there
             resumed = self.maybe_resume()
             if self.probe is None:  # scored now, by the starting scorer
                 self.probe = Probe(self._probe_batch())
