@@ -389,10 +389,8 @@ class MetricsLog:
         with atomic_path(run_dir / "config.json") as tmp:  # a kill in a rewrite must not truncate either file
             tmp.write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         self.path = run_dir / "metrics.jsonl"
-        kept = []
-        if resumed and self.path.exists():  # drop lines a killed run wrote after its last checkpoint
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        with atomic_path(self.path) as tmp:
+        kept = [line for line in _complete_lines(self.path) if json.loads(line)["step"] <= step] if resumed else []
+        with atomic_path(self.path) as tmp:  # drop lines a killed run wrote after its last checkpoint
             tmp.write_text("".join(line + "\n" for line in kept))
         if cfg.report_to_wandb:
             try:
@@ -416,3 +414,17 @@ class MetricsLog:
     def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _complete_lines(path: Path) -> list[str]:
+    """The log's lines, less a last one that a kill cut short in mid-append (no newline yet); a damaged line
+    before it is not a kill's doing and stops the resume naming the file."""
+    if not path.exists():
+        return []
+    lines = path.read_text(errors="replace").split("\n")[:-1]  # what follows the last newline is dropped
+    for number, line in enumerate(lines, 1):
+        try:
+            json.loads(line)["step"]
+        except (ValueError, TypeError, KeyError):
+            raise FlytError(f"{path}: line {number} is not a metrics record; move the file away to resume") from None
+    return lines
