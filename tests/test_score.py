@@ -175,6 +175,30 @@ def test_mflyt_missing_score_rows_are_counted_and_uid_join_and_whole_folder_inde
     np.testing.assert_array_equal(table["score"].to_numpy(), direct[table["uid"]].to_numpy())
 
 
+def test_mflyt_over_two_folders_adds_each_folders_part(exp, tmp_path):
+    """``--parquet_dir a::b`` as in ``flyt train``: columns 0 and 2 from a per-shard folder joined on key,
+    column 1 from a released-style file joined on uid that lacks 2 rows (counted, not scored). Mutations
+    caught: the bias added once per folder; a folder's weights taken from consecutive places instead of its
+    fields' places in the mixer; a row missing in one folder scored from the other alone."""
+    direct = _direct_mixer(exp)
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    parts = [pd.read_parquet(p) for p in sorted(exp["scores"].glob("*_scores.parquet"))]
+    for p, frame in zip(sorted(exp["scores"].glob("*_scores.parquet")), parts):
+        frame[["key", "uid", FIELDS[0], FIELDS[2]]].to_parquet(first / p.name, index=False)
+    everything = pd.concat(parts).sample(frac=1.0, random_state=2)
+    dropped = everything["uid"].iloc[:2].tolist()
+    everything.iloc[2:][["uid", FIELDS[1]]].to_parquet(second / "released.parquet", index=False)
+    argv = ["score", "--checkpoint", str(exp["mflyt"]), "--upstream_data_dir", str(exp["pool"]),
+            "--parquet_dir", f"{first}::{second}", "--output", str(tmp_path / "out")]
+    assert cli(argv) == 0
+    table = _union(tmp_path / "out")
+    assert sorted(table["uid"]) == sorted(set(exp["df"]["uid"]) - set(dropped))
+    # the sum's association differs from one folder's (float64), so equal to float32 rounding
+    np.testing.assert_allclose(table["score"].to_numpy(), direct[table["uid"]].to_numpy(), rtol=2e-7, atol=0)
+    assert json.loads((tmp_path / "out" / "_summary.json").read_text())["skipped"] == {"missing_scores": 2}
+
+
 def test_id_lookups_match_a_plain_dictionary():
     """Both joins (one score file's ``index_in``, a whole folder's sorted-once index) against a dict.
 

@@ -58,7 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True,
                         help="folder for one <shard>.parquet per pool shard, or a file x.parquet to merge them into")
     parser.add_argument("--parquet_dir", default=None,
-                        help="M-FLYT: folder of <shard>_scores.parquet input scores (or any parquet files with key/uid)")
+                        help="M-FLYT: folder of <shard>_scores.parquet input scores (or any parquet files with key/uid); "
+                             "several joined by '::' (e.g. the released scores and flyt features output)")
     parser.add_argument("--parquet_fields", nargs="+", default=None,
                         help="M-FLYT: the score columns, in the mixer's order (needed for the original's .pt files)")
     parser.add_argument("--model", default=None,

@@ -38,6 +38,24 @@ def score_files(parquet_dir: str | Path) -> tuple[Path, bool, list[Path]]:
     return folder, bool(per_shard), files
 
 
+def field_folders(parquet_dir: str | Path, fields: list[str]) -> list[tuple[str, list[int]]]:
+    """``--parquet_dir``, one folder or several joined by ``::``: each folder with the positions (in ``fields``)
+    of the columns it gives; a field must be in exactly one of several folders."""
+    folders = [p for p in str(parquet_dir).split("::") if p]
+    if len(folders) == 1:
+        return [(folders[0], list(range(len(fields))))]
+    owner: dict[str, str] = {}
+    for folder in folders:
+        names = pq.read_schema(score_files(folder)[2][0]).names
+        for f in fields:
+            if f in names and owner.setdefault(f, folder) != folder:
+                raise FlytError(f"--parquet_fields {f}: both {owner[f]} and {folder} hold it; name it once")
+    missing = [f for f in fields if f not in owner]
+    if missing:
+        raise FlytError(f"--parquet_fields {', '.join(missing)}: in none of the folders {' :: '.join(folders)}")
+    return [(d, [j for j, f in enumerate(fields) if owner[f] == d]) for d in dict.fromkeys(owner.values())]
+
+
 def shard_file(folder: Path, key: str) -> Path:
     """The per-shard layout's file holding the sample with this key."""
     path = folder / f"{key[:8]}{PER_SHARD}"

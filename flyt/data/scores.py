@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from flyt.data.input_scores import IdIndex, column_values, read_folder, score_files, shard_file
+from flyt.data.input_scores import IdIndex, column_values, field_folders, read_folder, score_files, shard_file
 from flyt.errors import FlytError
 
 _OPEN_FILES = 64  # per-shard files kept loaded per process: a stream reads a few shards at a time
@@ -73,32 +72,16 @@ class ScoreLookup:
 
 def open_scores(parquet_dir: str, fields: list[str]):
     """The lookup of ``--parquet_dir``: one folder, or several joined by ``::``."""
-    folders = [p for p in str(parquet_dir).split("::") if p]
-    return ScoreLookup(folders[0], fields) if len(folders) == 1 else ScoreFolders(folders, fields)
+    parts = field_folders(parquet_dir, fields)
+    return ScoreLookup(parts[0][0], fields) if len(parts) == 1 else ScoreFolders(parts, fields)
 
 
 class ScoreFolders:
     """Several score folders as one lookup: each field comes from the one folder whose files hold it."""
 
-    def __init__(self, folders: list[str], fields: list[str]):
-        owner: dict[str, str] = {}
-        for folder in folders:
-            path = Path(folder)
-            files = sorted(path.glob("*_scores.parquet")) or sorted(path.rglob("*.parquet")) if path.is_dir() else []
-            if not files:
-                raise FlytError(f"--parquet_dir {folder} is not a folder of .parquet files")
-            names = pq.read_schema(files[0]).names
-            for f in fields:
-                if f in names and owner.setdefault(f, folder) != folder:
-                    raise FlytError(f"--parquet_fields {f}: both {owner[f]} and {folder} hold it; name it once")
-        missing = [f for f in fields if f not in owner]
-        if missing:
-            raise FlytError(f"--parquet_fields {', '.join(missing)}: in none of the folders {' :: '.join(folders)}")
+    def __init__(self, parts: list[tuple[str, list[int]]], fields: list[str]):
         self.fields = list(fields)
-        self.parts = []  # (lookup of one folder, positions of its fields in the vector)
-        for d in dict.fromkeys(owner.values()):
-            where = [j for j, f in enumerate(fields) if owner[f] == d]
-            self.parts.append((ScoreLookup(d, [fields[j] for j in where]), where))
+        self.parts = [(ScoreLookup(d, [fields[j] for j in where]), where) for d, where in parts]
 
     def rows(self, keys: list[str], uids: list[str]) -> np.ndarray:
         """The (len(keys), len(fields)) score matrix of a batch, each folder's columns from its own files."""

@@ -24,7 +24,28 @@ def _mixed(table, fields, weight, bias):
 
 
 class MixerScores:
-    """The M-FLYT mixer applied to input-score parquet files, joined to pool samples by key (or uid)."""
+    """The M-FLYT mixer applied to input-score parquet files, joined to pool samples by key (or uid); over
+    several folders (``a::b``) the mixer is linear, so each folder adds its columns' part."""
+
+    def __init__(self, parquet_dir: str, fields: list[str], weight, bias: float):
+        from flyt.data.input_scores import field_folders
+
+        parts = field_folders(parquet_dir, fields)
+        self.parts = [_FolderMix(folder, [fields[j] for j in where], [weight[j] for j in where], bias * (i == 0))
+                      for i, (folder, where) in enumerate(parts)]
+
+    def shard_scores(self, uids, keys, timings: Counter):
+        """Per sample: the float64 mixer output (NaN where an input is null) and whether every folder has
+        its score row."""
+        out, found = self.parts[0].shard_scores(uids, keys, timings)
+        for part in self.parts[1:]:
+            more, also = part.shard_scores(uids, keys, timings)
+            out, found = out + more, found & also
+        return out, found
+
+
+class _FolderMix:
+    """One folder's part of the mixer: bias + sum of its columns times their weights."""
 
     def __init__(self, parquet_dir: str, fields: list[str], weight, bias: float):
         from flyt.data.input_scores import join_column, read_folder, score_files
@@ -40,7 +61,7 @@ class MixerScores:
         return _mixed(table, self.fields, self.weight, self.bias)
 
     def shard_scores(self, uids, keys, timings: Counter):
-        """Per sample: the float64 mixer output (NaN where an input is null) and whether a score row exists."""
+        """Per sample: this folder's part (NaN where an input is null) and whether it has a score row."""
         import numpy as np
         import pyarrow.compute as pc
 
