@@ -134,7 +134,7 @@ def test_score_writes_each_uid_once_with_the_pools_scores_and_sample_accepts_it(
     repeats counted as skipped; ``flyt sample`` takes the output.
 
     Mutations: ``first_copies`` keeping every row -> uids repeated (and ``flyt sample`` refuses them);
-    ``repeats_of_earlier_shards`` returning {} -> uids repeated across shards; ``shard_ids`` keying
+    ``Repeats.of`` returning None -> uids repeated across shards; ``shard_ids`` keying
     samples by the tar member name -> M-FLYT "missing_scores" skips."""
     root = exp["root"] / f"score_{mode}"
     pool = _score(exp, checkpoints[mode], exp["root"] / "pool", root / "pool")

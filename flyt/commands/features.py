@@ -127,7 +127,7 @@ def _cache_labels(args, teachers) -> dict:
 
 def build_settings(args):
     """Every check of the inputs, then the job's settings (no model is loaded here)."""
-    from flyt.data.pool import pool_shards, repeats_of_earlier_shards
+    from flyt.data.pool import pool_shards
     from flyt.jobs.features import Settings, check_teacher, parse_teacher, plan_columns, readable_checkpoint
     from flyt.precision import resolve_precision
 
@@ -153,7 +153,6 @@ def build_settings(args):
     settings = Settings(shards, Path(args.output), columns, teachers, targets, args.neg_clip_batch_size,
                         args.neg_clip_batches, args.seed, args.flyt_checkpoint, args.flyt_model, args.save_embeddings,
                         root, labels, args.batch_size, args.workers, args.device, resolve_precision(args.precision))
-    settings.taken = repeats_of_earlier_shards(shards)
     return settings
 
 
@@ -162,7 +161,8 @@ def run(args: argparse.Namespace) -> int:
     from flyt.jobs.features import FeaturesJob, claim_columns
     from flyt.runner.engines import make_executor
     from flyt.atomic import sweep_temporaries
-    from flyt.runner.job import job_split, run_job
+    from flyt.jobs.repeats import clean_repeats, find_repeats
+    from flyt.runner.job import job_split, missing_units, run_job
 
     part, parts = job_split(args.shard_index, args.num_shards)
     s = build_settings(args)
@@ -171,7 +171,12 @@ def run(args: argparse.Namespace) -> int:
     s.output.mkdir(parents=True, exist_ok=True)
     claim_columns(s.output, s.definitions())
     job = FeaturesJob(s)
-    report = run_job(job, make_executor(args, 1), part, parts)
+    executor = make_executor(args, 1)
+    pending = [j for j, unit in enumerate(job.units()) if j % parts == part and not job.done(unit)]
+    s.repeats = find_repeats(s.shards, max(pending, default=-1), s.output, executor, "flyt features")
+    report = run_job(job, executor, part, parts)
+    if not missing_units(job):
+        clean_repeats(s.output)
     totals = report.totals()
     samples = totals.get("samples", 0)
     summary = {"pool": args.upstream_data_dir, "output": str(s.output), "columns": [c.name for c in s.columns],

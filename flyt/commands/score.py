@@ -42,6 +42,7 @@ from pathlib import Path
 from flyt.data.pool import pool_shards
 from flyt.data.score_files import Output, merge, read_stats
 from flyt.errors import FlytError
+from flyt.jobs.repeats import clean_repeats
 from flyt.jobs.score import ScoreJob
 from flyt.runner.engines import add_engine_arguments, make_executor
 from flyt.atomic import sweep_temporaries
@@ -147,8 +148,8 @@ def run(args: argparse.Namespace) -> int:
         job.num_gpus = 1 if wants_gpu else 0
     job.title = f"flyt score ({mode})"
     mine = share(shards, part, parts)  # the shards run_job gives this part
-    job.find_repeats([s for s in mine if not output.part(s).exists()])
     output.parts.mkdir(parents=True, exist_ok=True)
+    job.find_repeats([s for s in mine if not output.part(s).exists()], executor)
     report = run_job(job, executor, part, parts)
     for name, stats in report.done.items():  # a shard finished just before its Ray worker was lost
         if not stats:
@@ -156,6 +157,8 @@ def run(args: argparse.Namespace) -> int:
     summary = _summarise(report, job, mine, args, part, parts, time.perf_counter() - started)
     missing = [s for s in shards if not output.part(s).exists()]
     summary["coverage"] = _coverage(shards, output, missing)
+    if not missing:
+        clean_repeats(output.parts)
     if output.merged:
         if missing:
             summary["merged"] = None

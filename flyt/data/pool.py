@@ -95,32 +95,6 @@ def shard_ids(shard: Shard) -> tuple[object, object, Counter]:
     return uids, keys, skipped
 
 
-def repeats_of_earlier_shards(shards: list[Shard]) -> dict[str, object]:
-    """Per shard name, the uids (a string array) it shares with an earlier shard of the sorted list.
-
-    A resharded subset holds a uid once per repeat, possibly in several shards; its score is written
-    once, by the first shard. Every job computes the same answer from the ids alone, so split jobs agree.
-    A shard whose ids cannot be read is left out here (its own scoring reports it).
-    """
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    uids, owners = [pa.array([], pa.large_string())], [np.zeros(0, np.int64)]
-    for j, shard in enumerate(shards):
-        try:
-            ids = shard_ids(shard)[0]
-        except Exception:
-            continue
-        uids.append(ids.cast(pa.large_string()))  # a whole pool's uids may pass 2 GB
-        owners.append(np.full(len(ids), j))
-    uids, owners = pa.concat_arrays(uids), np.concatenate(owners)
-    first = pc.index_in(uids, value_set=uids).to_numpy(zero_copy_only=False)  # a uid's first row: its owner's
-    later = owners != owners[first]
-    return {shards[j].name: pc.unique(uids.filter(pa.array(later & (owners == j))))
-            for j in np.unique(owners[later]).tolist()}
-
-
 def first_copies(uids, taken) -> object:
     """Mask of the samples that keep their uid: its first occurrence in the shard, unless ``taken`` (the
     uids an earlier shard holds) has it. Uids are lower-case hex here, so equal strings are equal uids."""

@@ -26,6 +26,7 @@ from pathlib import Path
 from flyt.data import embeddings as cache
 from flyt.data.pool import Shard, first_copies
 from flyt.errors import FlytError
+from flyt.jobs.repeats import Repeats
 from flyt.runner.job import Job, Unit
 
 PER_TEACHER = ("clip_score", "neg_clip_loss", "normsim_inf", "normsim_2")
@@ -167,7 +168,7 @@ class Settings:
     workers: int = 4
     device: str | None = None
     precision: str = "fp32"
-    taken: dict = field(default_factory=dict)  # shard name -> uids an earlier shard holds
+    repeats: Repeats = field(default_factory=lambda: Repeats({}, None, 0))  # uids an earlier shard holds
 
     def definitions(self) -> dict[str, dict]:
         """Each column's definition, kept in ``DIR/_features.json`` so that a rerun cannot mix two."""
@@ -300,7 +301,7 @@ class FeaturesJob(Job):
         import numpy as np
         import torch
 
-        keep = first_copies(rows["uid"], self.s.taken.get(shard.name))
+        keep = first_copies(rows["uid"], self.s.repeats.of(shard.name))
         skipped["repeated_uid"] += int((~keep).sum())
         rows = {k: [v for v, f in zip(values, keep) if f] for k, values in rows.items()}
         mask = torch.as_tensor(keep)

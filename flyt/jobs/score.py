@@ -1,9 +1,10 @@
 """``flyt score`` as a per-shard job: a unit is a pool shard, its output the shard's parquet file.
 
 The job carries only settings (it travels to worker processes and Ray actors); each worker's ``setup``
-loads the checkpoint (and, for M-FLYT, builds the mixer over the input scores) once. Every unit carries
-the uids that an earlier shard of the sorted pool holds, computed from the ids alone, so whichever
-worker, split or engine scores a shard, a repeated uid is written once, by its first shard.
+loads the checkpoint (and, for M-FLYT, builds the mixer over the input scores) once. A worker reads the
+uids that an earlier shard of the sorted pool holds (:mod:`flyt.jobs.repeats`, computed from the ids
+alone), so whichever worker, split or engine scores a shard, a repeated uid is written once, by its first
+shard.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from flyt.data.pool import Shard, repeats_of_earlier_shards
+from flyt.data.pool import Shard
 from flyt.data.score_files import Output
 from flyt.errors import FlytError
+from flyt.jobs.repeats import Repeats, find_repeats
 from flyt.runner.job import Job, Unit
 
 
@@ -28,27 +30,27 @@ class ScoreJob(Job):
         self.batch_size, self.workers, self.device, self.precision = batch_size, workers, device, precision
         self.mode, self.mixer = None, None  # set by ``check``: the checkpoint's mode, M-FLYT's (fields, weight, bias)
         self.num_gpus = 0  # set by the command: GPUs per Ray actor
-        self.taken: dict = {}  # set by ``find_repeats``
+        self.repeats = Repeats({}, None, 0)  # set by ``find_repeats``
         self._state = None
 
     def __getstate__(self) -> dict:
-        """What a worker gets: the settings. It loads its own model, and its units carry their shard and
-        ``taken`` (a huge pool's shard list and repeats stay with the driver)."""
-        return {**self.__dict__, "_state": None, "taken": {}, "shards": []}
+        """What a worker gets: the settings. It loads its own model, and its units carry their shard (a huge
+        pool's shard list stays with the driver)."""
+        return {**self.__dict__, "_state": None, "shards": []}
 
     # ------------------------------------------------------------------------------------------ the job
 
-    def find_repeats(self, pending: list[Shard]) -> None:
-        """Per pending shard, the uids an earlier shard holds (from the ids of the shards up to the last one)."""
+    def find_repeats(self, pending: list[Shard], executor) -> None:
+        """The uids an earlier shard holds, for the shards up to the last pending one, in the output folder."""
         position = {shard.name: j for j, shard in enumerate(self.shards)}
         last = max((position[shard.name] for shard in pending), default=-1)
-        self.taken = repeats_of_earlier_shards(self.shards[: last + 1]) if pending else {}
+        self.repeats = find_repeats(self.shards, last, self.output.parts, executor, self.title)
 
     def units(self) -> list[Unit]:
-        return [Unit(shard.name, (shard, self.taken.get(shard.name))) for shard in self.shards]
+        return [Unit(shard.name, shard) for shard in self.shards]
 
     def outputs(self, unit: Unit) -> list[Path]:
-        return [self.output.part(unit.payload[0])]
+        return [self.output.part(unit.payload)]
 
     def resources(self) -> dict:
         if self.mode == "mflyt":
@@ -90,16 +92,15 @@ class ScoreJob(Job):
             from flyt.jobs.score_mflyt import score_shard
 
             for unit in units:
-                shard, taken = unit.payload
                 try:
-                    yield unit, score_shard(shard, self.output, scorer, taken)
+                    yield unit, score_shard(unit.payload, self.output, scorer, self.repeats.of(unit.name))
                 except Exception as exc:  # an unreadable shard or score file: the others still get scored
                     yield unit, exc
             return
         from flyt.jobs.score_flyt import score_flyt
 
         model, spec, device, precision = scorer
-        pairs = [unit.payload for unit in units]
+        pairs = [(unit.payload, self.repeats.of(unit.name)) for unit in units]
         for index, result in score_flyt(pairs, self.output, model, spec, self.batch_size, self.workers, device,
                                         precision):
             yield units[index], result

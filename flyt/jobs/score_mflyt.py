@@ -94,7 +94,7 @@ class _FolderMix:
 
 def score_shard(shard: Shard, output: Output, mixer: MixerScores, taken=None) -> dict:
     """Score one shard and write its file; returns its statistics (timings included).
-    ``taken``: the uids an earlier shard scores (see :func:`repeats_of_earlier_shards`)."""
+    ``taken``: the uids an earlier shard scores (see :mod:`flyt.jobs.repeats`)."""
     import numpy as np
     import pyarrow as pa
 

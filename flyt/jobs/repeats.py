@@ -1,0 +1,162 @@
+"""The uids that an earlier shard of the sorted pool holds, found with bounded memory on any engine.
+
+A resharded subset holds a uid once per repeat, possibly in several shards; its score (or feature row)
+is written once, by the first shard that holds it. Two runner jobs find those repeats from the ids alone,
+in a work folder beside the outputs:
+1. ``ids``: per shard, its distinct uids as a sorted run (``u8,u8``);
+2. ``buckets``: per range of uid prefixes (sized to about ``BUCKET_ROWS`` uids), that slice of every
+   run; a uid in several shards stays with the first, and each later (uid, shard) goes to the bucket's
+   file, sorted by shard.
+A shard's repeats are then read from every bucket file with a binary search, so no process holds the
+pool's uids, and every split job or engine computes the same answer. The bucket folder is named by the
+shards whose ids it was built from, so a shard that could not be read before and can now gets a new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from flyt.atomic import atomic_path
+from flyt.data.pool import Shard, shard_ids
+from flyt.data.runs import run_length, write_run
+from flyt.data.subset import UID_DTYPE, array_to_uids, sort_order, uids_to_array
+from flyt.errors import FlytError
+from flyt.runner.job import Job, Unit, run_job
+
+BUCKET_ROWS = 1 << 24  # uids per bucket, on average: a bucket's sort takes ~0.5 GB
+WORK = "_repeats"
+TAKEN = np.dtype([("shard", "<i8"), ("f0", "<u8"), ("f1", "<u8")])
+
+
+class ShardIds(Job):
+    """Pass 1: each shard's distinct uids, sorted. A shard whose ids cannot be read writes nothing (its
+    own scoring reports it) and is left out of the repeats; any other failure (a write) stops the job."""
+
+    unit_label = "shard"
+
+    def __init__(self, shards: list[Shard], work: Path, title: str):
+        self.shards, self.work, self.title = shards, work, f"{title}: uid index"
+
+    def units(self) -> list[Unit]:
+        return [Unit(shard.name, shard) for shard in self.shards]
+
+    def outputs(self, unit: Unit) -> list[Path]:
+        return [self.work / "ids" / f"{unit.name}.npy"]
+
+    def run(self, unit: Unit, state) -> dict:
+        try:
+            uids = uids_to_array(shard_ids(unit.payload)[0])
+        except Exception:
+            return {"unreadable": 1}
+        uids = uids[sort_order(uids)]
+        distinct = np.ones(len(uids), bool)
+        distinct[1:] = (uids["f0"][1:] != uids["f0"][:-1]) | (uids["f1"][1:] != uids["f1"][:-1])
+        write_run(self.outputs(unit)[0], uids[distinct])
+        return {}
+
+
+class Buckets(Job):
+    """Pass 2: per bucket of uid prefixes, the (shard, uid) pairs whose uid an earlier shard holds."""
+
+    unit_label = "bucket"
+
+    def __init__(self, runs: list[tuple[int, Path]], bits: int, folder: Path, title: str):
+        self.runs, self.bits, self.folder, self.title = runs, bits, folder, f"{title}: repeated uids"
+
+    def units(self) -> list[Unit]:
+        return [Unit(f"{b:06d}", b) for b in range(1 << self.bits)]
+
+    def outputs(self, unit: Unit) -> list[Path]:
+        return [self.folder / f"{unit.name}.npy"]
+
+    def run(self, unit: Unit, state) -> dict:
+        pieces, owners = [], []
+        for shard, path in self.runs:
+            if run_length(path):
+                ids = np.load(path, mmap_mode="r")
+                lo, hi = _bucket_slice(ids["f0"], unit.payload, self.bits)
+                pieces.append(np.array(ids[lo:hi]))
+                owners.append(np.full(hi - lo, shard, np.int64))
+        rows = np.concatenate(pieces) if pieces else np.zeros(0, UID_DTYPE)
+        owner = np.concatenate(owners) if owners else np.zeros(0, np.int64)
+        order = sort_order(rows)  # stable: a uid's rows stay in shard order, the first is its owner's
+        rows, owner = rows[order], owner[order]
+        later = np.zeros(len(rows), bool)
+        later[1:] = (rows["f0"][1:] == rows["f0"][:-1]) & (rows["f1"][1:] == rows["f1"][:-1])
+        taken = np.empty(int(later.sum()), TAKEN)
+        taken["shard"], taken["f0"], taken["f1"] = owner[later], rows["f0"][later], rows["f1"][later]
+        taken = taken[np.lexsort((taken["f1"], taken["f0"], taken["shard"]))]
+        with atomic_path(self.outputs(unit)[0]) as tmp, open(tmp, "wb") as handle:
+            np.save(handle, taken)
+        return {}
+
+
+def _bucket_slice(f0: np.ndarray, bucket: int, bits: int) -> tuple[int, int]:
+    """Rows of a sorted run whose uid's first ``bits`` bits are ``bucket``."""
+    if bits == 0:
+        return 0, len(f0)
+    shift = 64 - bits
+    lo = int(np.searchsorted(f0, np.uint64(bucket << shift)))
+    hi = len(f0) if bucket + 1 == 1 << bits else int(np.searchsorted(f0, np.uint64((bucket + 1) << shift)))
+    return lo, hi
+
+
+class Repeats:
+    """Per shard of the sorted pool, the uids an earlier shard holds; small and picklable (a folder and
+    the shards' positions), read by whichever worker handles the shard."""
+
+    def __init__(self, positions: dict[str, int], folder: Path | None, buckets: int):
+        self.positions, self.folder, self.buckets = positions, folder, buckets
+
+    def of(self, name: str):
+        """The uids (an Arrow string array) that shard ``name`` must leave to an earlier shard, or None."""
+        if self.folder is None or name not in self.positions:
+            return None
+        shard, parts = self.positions[name], []
+        for b in range(self.buckets):
+            path = self.folder / f"{b:06d}.npy"
+            if run_length(path):
+                taken = np.load(path, mmap_mode="r")
+                lo, hi = np.searchsorted(taken["shard"], [shard, shard + 1])
+                if hi > lo:
+                    parts.append(np.array(taken[lo:hi]))
+        if not parts:
+            return None
+        rows = np.concatenate(parts)
+        codes = np.empty(len(rows), UID_DTYPE)
+        codes["f0"], codes["f1"] = rows["f0"], rows["f1"]
+        return array_to_uids(codes)
+
+
+def find_repeats(shards: list[Shard], upto: int, root: Path, executor, title: str) -> Repeats:
+    """The repeats of the shards up to position ``upto`` (inclusive; -1: none), computed in ``root/_repeats``
+    (kept for a rerun; ``clean_repeats`` removes it once the pool is done)."""
+    shards = shards[: upto + 1]
+    if not shards:
+        return Repeats({}, None, 0)
+    work = root / WORK
+    ids = ShardIds(shards, work, title)
+    _stop_on_failure(run_job(ids, executor), title)
+    runs = [(j, ids.outputs(unit)[0]) for j, unit in enumerate(ids.units()) if ids.done(unit)]
+    total = sum(run_length(path) for _, path in runs)
+    bits = max(0, int(np.ceil(np.log2(max(total, 1) / BUCKET_ROWS))))
+    digest = hashlib.sha1("\n".join([str(bits)] + [f"{j} {p.name}" for j, p in runs]).encode()).hexdigest()[:16]
+    buckets = Buckets(runs, bits, work / f"buckets-{digest}", title)
+    _stop_on_failure(run_job(buckets, executor), title)
+    return Repeats({shard.name: j for j, shard in enumerate(shards)}, buckets.folder, 1 << bits)
+
+
+def _stop_on_failure(report, title: str) -> None:
+    """Repeats found from part of the pool would let a uid be scored twice: any failure stops here."""
+    if report.failed:
+        name, message = sorted(report.failed.items())[0]
+        raise FlytError(f"{title}: finding repeated uids failed at {name}: {message}")
+
+
+def clean_repeats(root: Path) -> None:
+    """Remove the work folder once every shard of the pool has its output (no rerun needs it)."""
+    shutil.rmtree(root / WORK, ignore_errors=True)
