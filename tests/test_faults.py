@@ -8,7 +8,10 @@ caption (empty_caption: "skipped: none"); ``_image`` without the DecompressionBo
 (decompression_bomb: "skipped: none", after decoding 10^8 pixels); a table row's outcome edited.
 With --workers 2: ``DamagedShards`` printing in the workers too (train-clip names the shard 3 times);
 the train loop not naming what its workers hand over (train --seed 5, whose probe batch, read in
-process, misses the damaged shard: no warning).
+process, misses the damaged shard: no warning). ``flyt eval``: ``run`` without its per-task
+``except FlytError`` (task_truncated_tar: exit 2); ``test_shards`` without the ``nshards.txt`` check
+(task_missing_shard: exit 0); the summary's skipped counts left out (task_not_an_image,
+task_missing_label: "skipped: none").
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from flyt.data.webdataset import DamagedShards
 from flyt.demo import faulty_pool, toydata
 
 TABLE = Path(__file__).resolve().parents[1] / "docs" / "reliability.md"
-NAMED = ("00000001.tar", "meta.json", "scores.parquet", "subset.npy")
+NAMED = ("00000001.tar", "meta.json", "scores.parquet", "subset.npy", "test/1.tar", "nshards.txt")
 
 
 def table_rows() -> list[tuple[str, str, str]]:
@@ -83,6 +86,9 @@ def _base_argv(command: str, case: Path, task: Path, out: Path, checkpoint: Path
             save_subset(out.parent / f"{out.name}_subset.npy", _uids(case))
             subset = out.parent / f"{out.name}_subset.npy"
         return ["reshard", "--pool", pool, "--subset", str(subset), "--output", str(out), "--workers", "1"]
+    if command == "flyt eval":  # a clean task first: it is still evaluated and written when the case's task fails
+        return ["eval", "--model", "flyt-tiny", "--tasks", str(task), str(case / "task"), "--output",
+                str(out.with_suffix(".jsonl")), "--batch_size", "8", "--workers", "0"]
     if command == "flyt sample":
         return ["sample", "--scores", str(case / "scores.parquet"), "--method", "topk", "--fraction", "0.5",
                 "--output", str(out.with_suffix(".npy"))]
