@@ -8,10 +8,11 @@ caption (empty_caption: "skipped: none"); ``_image`` without the DecompressionBo
 (decompression_bomb: "skipped: none", after decoding 10^8 pixels); a table row's outcome edited.
 With --workers 2: ``DamagedShards`` printing in the workers too (train-clip names the shard 3 times);
 the train loop not naming what its workers hand over (train --seed 5, whose probe batch, read in
-process, misses the damaged shard: no warning). ``flyt eval``: ``run`` without its per-task
-``except FlytError`` (task_truncated_tar: exit 2); ``test_shards`` without the ``nshards.txt`` check
-(task_missing_shard: exit 0); the summary's skipped counts left out (task_not_an_image,
-task_missing_label: "skipped: none").
+process, misses the damaged shard: no warning). ``decode_pair`` not counting ``missing_uid`` (the
+json_without_uid rows of score and features: "skipped: none"). ``flyt eval``: ``run``
+without its per-task ``except FlytError`` (task_truncated_tar: exit 2); ``test_shards`` without the
+``nshards.txt`` check (task_missing_shard: exit 0); the summary's skipped counts left out
+(task_not_an_image, task_missing_label: "skipped: none").
 """
 
 from __future__ import annotations
