@@ -16,6 +16,7 @@ from torch import nn
 from flyt import cli
 from flyt.errors import FlytError
 from flyt.commands.eval import classification_metrics, evaluate, resolve_eval_task, zero_shot_classifier
+from flyt.demo import faulty_pool
 from flyt.demo.toydata import write_task
 
 COLOUR_STEP = 20  # test image of class l: solid red level l * COLOUR_STEP
@@ -98,7 +99,7 @@ def test_perfect_model_scores_one(colour_task):
     result = evaluate(model, _preprocess, _word_tokenizer(colour_task.classnames), str(colour_task.eval_dir),
                       batch_size=3, progress=False)
     assert result["metrics"] == {"acc1": 1.0, "acc5": 1.0, "mean_per_class_recall": 1.0}
-    assert result["num_samples"] == 20 and result["skipped"] == 3  # 2 undecodable images, 1 without a label
+    assert result["num_samples"] == 20 and result["skipped"] == {"bad_image": 2, "missing_label": 1}
     assert model.training  # eval mode only for the call
 
 
@@ -119,7 +120,8 @@ def test_worker_split_gives_the_same_metrics(colour_task):
     one = evaluate(OneHotCLIP(10, perm), _preprocess, tok, str(colour_task.eval_dir), batch_size=4, progress=False)
     two = evaluate(OneHotCLIP(10, perm), _preprocess, tok, str(colour_task.eval_dir), batch_size=4, workers=2,
                    progress=False)
-    assert one == two and one["metrics"]["acc1"] == pytest.approx(14 / 20) and one["skipped"] == 3
+    assert one == two and one["metrics"]["acc1"] == pytest.approx(14 / 20)
+    assert one["skipped"] == {"bad_image": 2, "missing_label": 1}
 
 
 def test_metrics_by_hand():
@@ -206,7 +208,7 @@ def test_cli_end_to_end(cli_setup):
     assert [line["dataset"] for line in lines] == ["mnist", str(simple.eval_dir)]
     for line, n, k in zip(lines, (30, 20), (10, 3)):
         assert line["model"] == "flyt-tiny" and line["checkpoint"] == str(ckpt)
-        assert line["num_samples"] == n and line["skipped"] == 0
+        assert line["num_samples"] == n and line["skipped"] == {}
         assert set(line["metrics"]) == ({"acc1", "acc5", "mean_per_class_recall"} if k >= 5
                                         else {"acc1", "mean_per_class_recall"})
         assert all(0.0 <= v <= 1.0 for v in line["metrics"].values())
@@ -218,6 +220,28 @@ def test_cli_end_to_end(cli_setup):
                      progress=False)
     assert again["metrics"] == pytest.approx(lines[0]["metrics"])
     assert not list(out.parent.glob(".*.tmp"))  # atomic write left nothing behind
+
+
+def test_a_task_with_a_damaged_test_shard_fails_alone(cli_setup, capfd, tmp_path):
+    """The task whose test shard is truncated gets no result line and one FAILED line naming the shard; the
+    tasks before and after it are evaluated and written; exit 1. With --workers 2 the error comes from a
+    worker, still as one line. Mutations seen to fail: run() without the per-task ``except FlytError``
+    (exit 2, the last task never evaluated); the test stream letting the error out of the worker (the
+    FAILED line carries the worker's traceback)."""
+    root, original, simple, ckpt = cli_setup
+    broken = faulty_pool.write_faulty_pool(tmp_path / "cases", ["task_truncated_tar"])["task_truncated_tar"] / "task"
+    out = tmp_path / "results.jsonl"
+    code = cli.main(["eval", "--model", "flyt-tiny", "--checkpoint", str(ckpt), "--eval_dir",
+                     str(original.datacomp_eval_dir), "--tasks", str(simple.eval_dir), str(broken), "mnist",
+                     "--output", str(out), "--batch_size", "16", "--workers", "2"])
+    captured = capfd.readouterr()
+    assert code == 1
+    assert [json.loads(line)["dataset"] for line in out.read_text().splitlines()] == [str(simple.eval_dir), "mnist"]
+    failed = [line for line in captured.err.splitlines() if "FAILED" in line]
+    assert len(failed) == 1 and "Traceback" not in captured.err
+    assert failed[0].startswith(f"flyt eval: FAILED task {str(broken)!r}: cannot read {broken / 'test' / '1.tar'}: ")
+    assert failed[0] in captured.out.splitlines()  # repeated in the summary, after the table
+    assert "wrote 2 result line(s)" in captured.out and "1 task(s) failed" in captured.out
 
 
 def _one_line_error(capsys, argv) -> str:

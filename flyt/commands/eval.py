@@ -9,7 +9,11 @@ The classifier is OpenCLIP's zero-shot one: per class the mean of the L2-normali
 prompts, renormalised; a test image's logits are its normalised embedding times that matrix. Metrics as
 in DataComp's ``eval_results.jsonl``: top-1 ``acc1``, ``acc5`` (at least 5 classes) and
 ``mean_per_class_recall`` (the mean over the classes present in the test set). Undecodable test samples
-are skipped and counted. The output has one JSON line per task, rewritten atomically after each task.
+are skipped and counted by cause in the task's line (its metrics are over ``num_samples``). A task with
+a damaged test shard gets no metrics at all, since they would be over an unknown part of its test set:
+it is reported as failed, naming the shard, the other tasks are still evaluated, and the command exits
+1; a test folder holding fewer shards than its ``nshards.txt`` says stops the command before the model
+loads. The output has one JSON line per evaluated task, rewritten atomically after each task.
 
 From Python (e.g. with a model already in memory)::
 
@@ -181,13 +185,22 @@ def _test_stream(shards: list[str], preprocess: Callable, batch_size: int, task)
     class TestStream(torch.utils.data.IterableDataset):
         """Batches of {image, label}; each worker takes whole shards, or every n-th sample if shards are few.
 
-        Every worker ends with an item ``{"done": True}`` carrying its final skip counts.
+        Every worker ends with an item ``{"done": True}`` carrying its final skip counts and its ``error``
+        (a damaged shard, a bad label: None if none), which the main process raises.
         """
 
         def __iter__(self):
+            skipped, error = Counter(), None
+            try:
+                yield from self._batches(skipped)
+            except FlytError as exc:  # raised in a worker, it would reach the user inside the worker's traceback
+                error = str(exc)
+            yield {"done": True, "worker": current_worker()[0], "skipped": dict(skipped), "error": error}
+
+        def _batches(self, skipped: Counter):
             worker, workers = current_worker()
             by_shard = len(shards) >= workers
-            skipped, images, labels = Counter(), [], []
+            images, labels = [], []
             for i, raw in enumerate(tar_samples(worker_share(shards) if by_shard else shards)):
                 if not by_shard and i % workers != worker:
                     continue
@@ -195,8 +208,8 @@ def _test_stream(shards: list[str], preprocess: Callable, batch_size: int, task)
                 if sample is None:
                     continue
                 if not 0 <= sample["label"] < num_classes:
-                    raise FlytError(f"task {task.name!r}: sample {raw.get('__key__')} of {raw.get('__url__')} has label "
-                                    f"{sample['label']}, but the task has {num_classes} class names")
+                    raise FlytError(f"sample {raw.get('__key__')} of {raw.get('__url__')} has label {sample['label']}, "
+                                    f"but the task has {num_classes} class names")
                 images.append(preprocess(sample["image"]))
                 labels.append(sample["label"])
                 if len(images) == batch_size:
@@ -204,7 +217,6 @@ def _test_stream(shards: list[str], preprocess: Callable, batch_size: int, task)
                     images, labels = [], []
             if images:
                 yield {"image": torch.stack(images), "label": torch.tensor(labels), "done": False}
-            yield {"done": True, "worker": worker, "skipped": dict(skipped)}
 
     return TestStream()
 
@@ -224,12 +236,14 @@ def evaluate(model, preprocess: Callable, tokenizer: Callable, task, batch_size:
     and restored afterwards.
 
     Returns ``{"dataset", "metrics": {"acc1", ["acc5",] "mean_per_class_recall"}, "per_class_recall",
-    "num_samples", "skipped"}``; ``per_class_recall`` follows ``task.classnames`` (None: no test sample).
+    "num_samples", "skipped": {cause: n}}``; ``per_class_recall`` follows ``task.classnames`` (None: no
+    test sample). Test data that cannot all be read (a damaged shard, a missing one) is a
+    :class:`FlytError` naming the file: metrics over part of a test set are not the benchmark's.
     """
     import torch
 
     from flyt import progress as meter
-    from flyt.data.shards import list_shards
+    from flyt.data.tasks import test_shards
 
     if isinstance(task, (str, Path)):
         task = resolve_eval_task(str(task), eval_dir)
@@ -240,7 +254,7 @@ def evaluate(model, preprocess: Callable, tokenizer: Callable, task, batch_size:
     from flyt.precision import autocast as autocast_of, resolve_device
 
     device = resolve_device(str(device), precision)
-    shards = list_shards(task.test_dir, f"test shards of task {task.name!r}")
+    shards = test_shards(task)
     autocast = autocast_of(precision, device)
     param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
     image_dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
@@ -260,6 +274,8 @@ def evaluate(model, preprocess: Callable, tokenizer: Callable, task, batch_size:
             with meter.bar(desc=f"flyt eval {task.name}", unit="img", disable=not progress, file=sys.stderr) as bar:
                 for batch in loader:
                     if batch["done"]:
+                        if batch["error"]:
+                            raise FlytError(f"task {task.name!r}: {batch['error']}")
                         skipped[batch["worker"]] = batch["skipped"]
                         continue
                     images = batch["image"].to(device, image_dtype, non_blocking=True)
@@ -269,11 +285,16 @@ def evaluate(model, preprocess: Callable, tokenizer: Callable, task, batch_size:
     finally:
         if was_training and hasattr(model, "train"):
             model.train()
-    n_skipped = sum(sum(c.values()) for c in skipped.values())
+    causes = dict(sorted(sum(map(Counter, skipped.values()), Counter()).items()))
     if metrics.num_samples == 0:
-        raise FlytError(f"task {task.name!r}: no usable test sample in {task.test_dir} ({n_skipped} skipped)")
+        raise FlytError(f"task {task.name!r}: no usable test sample in {task.test_dir} (skipped: {_causes(causes)})")
     return {"dataset": task.name, "metrics": metrics.result(), "per_class_recall": metrics.per_class_recall(),
-            "num_samples": metrics.num_samples, "skipped": n_skipped}
+            "num_samples": metrics.num_samples, "skipped": causes}
+
+
+def _causes(skipped: dict) -> str:
+    """``cause n, ...`` as the summary lines of flyt's commands print skipped counts."""
+    return ", ".join(f"{cause} {n}" for cause, n in skipped.items()) or "none"
 
 
 # ------------------------------------------------------------------------------------------------- CLI
@@ -320,7 +341,7 @@ def format_table(results: list[dict]) -> str:
         m = r["metrics"]
         acc5 = f"{m['acc5']:7.4f}" if "acc5" in m else f"{'-':>7}"
         lines.append(f"{r['dataset']:<{width}}  {m['acc1']:7.4f}  {acc5}  {m['mean_per_class_recall']:7.4f}  "
-                     f"{r['num_samples']:8d}  {r['skipped']:7d}")
+                     f"{r['num_samples']:8d}  {sum(r['skipped'].values()):7d}")
     if len(results) > 1:
         mean = sum(r["metrics"]["acc1"] for r in results) / len(results)
         lines.append(f"{'average':<{width}}  {mean:7.4f}")
@@ -335,6 +356,7 @@ def _write_jsonl(path: Path, lines: list[dict]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from flyt.data.tasks import test_shards
     from flyt.precision import resolve_device, resolve_precision
 
     args.precision = resolve_precision(args.precision, PRECISIONS)
@@ -342,19 +364,29 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.workers < 0:
         raise FlytError(f"--batch_size must be >= 1 and --workers >= 0 (got {args.batch_size}, {args.workers})")
     tasks = [resolve_eval_task(token, args.eval_dir) for token in args.tasks.split("::") if token]
-    from flyt.data.shards import list_shards
-
     for task in tasks:  # every task's shards exist before the model loads
-        list_shards(task.test_dir, f"test shards of task {task.name!r}")
+        test_shards(task)
     model, preprocess, tokenizer = load_model(args.model, args.checkpoint, device)
-    results, lines = [], []
+    results, lines, failed = [], [], []
     for task in tasks:
-        result = evaluate(model, preprocess, tokenizer, task, args.batch_size, device, args.workers, args.precision)
-        results.append(result)
-        lines.append({"dataset": result["dataset"], "model": args.model, "checkpoint": args.checkpoint,
-                      "metrics": result["metrics"], "num_samples": result["num_samples"],
-                      "skipped": result["skipped"]})
+        try:
+            result = evaluate(model, preprocess, tokenizer, task, args.batch_size, device, args.workers,
+                              args.precision)
+        except FlytError as exc:  # this task's test data: the other tasks are still evaluated
+            failed.append(f"flyt eval: FAILED {exc}")
+            print(f"\n{failed[-1]}", file=sys.stderr, flush=True)
+        else:
+            results.append(result)
+            lines.append({"dataset": result["dataset"], "model": args.model, "checkpoint": args.checkpoint,
+                          "metrics": result["metrics"], "num_samples": result["num_samples"],
+                          "skipped": result["skipped"]})
         _write_jsonl(Path(args.output), lines)  # atomically, after each task: finished tasks survive a crash
-    print(format_table(results))
-    print(f"flyt eval: wrote {len(lines)} result line(s) to {args.output}")
-    return 0
+    if results:
+        print(format_table(results))
+    print("\n".join(failed + [f"flyt eval: wrote {len(lines)} result line(s) to {args.output}, {len(failed)} task(s) "
+                               f"failed; skipped: {_causes(_sum_skipped(results))}"]))
+    return 1 if failed else 0
+
+
+def _sum_skipped(results: list[dict]) -> dict:
+    return dict(sorted(sum((Counter(r["skipped"]) for r in results), Counter()).items()))

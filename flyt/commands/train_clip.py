@@ -66,6 +66,7 @@ def train_clip(cfg):
 
     from flyt.models import checkpoint
     from flyt.data.shards import parse_sources
+    from flyt.data.webdataset import name_damaged
     from flyt.streams.subset import SeenUids, SubsetCounts, SubsetStream
     from flyt.errors import FlytError
     from flyt.models.networks import create_clip
@@ -104,6 +105,7 @@ def train_clip(cfg):
             except StopIteration:
                 raise FlytError(f"--subset {cfg.subset} selects no sample of {cfg.upstream_data_dir}") from None
             skipped[batch["worker"]] = batch["skipped"]
+            name_damaged(batch["damaged"])  # the workers' damaged shards, named here once per run
             seen.add(batch["uid"])
             schedule(step)
             with autocast(cfg.precision, device):

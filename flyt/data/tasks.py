@@ -10,10 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from flyt.data.shards import list_shards
 from flyt.errors import FlytError
 
 CLASSNAMES = "classnames.txt"
 TEMPLATES = "zeroshot_classification_templates.txt"
+NSHARDS = "nshards.txt"  # in test/: how many shards clip_benchmark reads (0.tar ...)
 
 # task -> (folder under --downstream_data_dir, folder under --datacomp_eval_dir), as the original lays them out
 ORIGINAL_TASKS: dict[str, tuple[str, str]] = {
@@ -72,6 +74,21 @@ def read_text_files(folder: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
         if "{c}" not in t:
             raise FlytError(f"{folder / TEMPLATES}: template {t!r} has no {{c}} placeholder for the class name")
     return classnames, templates
+
+
+def test_shards(task: Task) -> list[str]:
+    """A task's test shards. clip_benchmark's ``test/nshards.txt``, where there, must count them: with a
+    shard lost, every metric would be one over part of the test set."""
+    shards = list_shards(task.test_dir, f"test shards of task {task.name!r}")
+    count_file = Path(task.test_dir) / NSHARDS
+    if count_file.is_file():
+        text = count_file.read_text(encoding="utf-8", errors="replace").strip()
+        if not text.isdigit():
+            raise FlytError(f"{count_file}: expected the number of test shards, not {text[:40]!r}")
+        if int(text) != len(shards):
+            raise FlytError(f"{count_file} says {int(text)} test shards but {task.test_dir} holds {len(shards)} "
+                            f".tar files")
+    return shards
 
 
 def task_folder(root: Path, token: str) -> Path | None:

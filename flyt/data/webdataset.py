@@ -48,28 +48,52 @@ def tar_samples(shards: Iterable[str | dict], on_damage: Callable[[str, str, int
             on_damage(source["url"], message, read)
 
 
+NAMED: set[str] = set()  # the damaged shards this process has named: a shard drawn again and again is named once
+
+
+def name_damaged(damaged: Iterable[tuple[str, str]]) -> None:
+    """Print the line of each (shard, line) not named yet by this process. DataLoader workers are processes
+    of their own, so they hand their damaged shards to the main one in their items, which names them here:
+    once per run, however many workers read the shard."""
+    for url, line in damaged:
+        if url not in NAMED:
+            NAMED.add(url)
+            print(line, file=sys.stderr, flush=True)
+
+
 class DamagedShards:
     """A training stream's ``on_damage``: a shard that breaks off costs only what follows the damage.
 
-    Each broken read counts once in ``skipped["damaged_shard"]``; the shard is named once per process on
-    stderr. When every one of the ``shards`` distinct shards broke before its first sample, nothing can
-    ever be read: a :class:`FlytError` instead of an endless loop over them."""
+    Each broken read counts once in ``skipped["damaged_shard"]``. The shard is named on stderr by
+    :func:`name_damaged`, or, with ``forward`` (a list, in a DataLoader worker), its (shard, line) is
+    appended there once for the stream to pass on in its next item. When every one of the ``shards``
+    distinct shards broke before its first sample, nothing can ever be read: a :class:`FlytError`
+    instead of an endless loop over them."""
 
-    named: set[str] = set()  # per process, so a shard drawn again and again is named once
-
-    def __init__(self, skipped: Counter, shards: int | None = None):
-        self.skipped, self.shards, self.empty = skipped, shards, set()
+    def __init__(self, skipped: Counter, shards: int | None = None, forward: list | None = None):
+        self.skipped, self.shards, self.forward, self.empty, self.forwarded = skipped, shards, forward, set(), set()
 
     def __call__(self, url: str, message: str, samples_read: int) -> None:
         self.skipped["damaged_shard"] += 1
-        if url not in self.named:
-            self.named.add(url)
-            print(f"flyt: skipping the rest of a damaged shard ({samples_read} samples kept): {message}",
-                  file=sys.stderr, flush=True)
+        line = f"flyt: skipping the rest of a damaged shard ({samples_read} samples kept): {message}"
+        if self.forward is None:
+            name_damaged([(url, line)])
+        elif url not in self.forwarded:
+            self.forwarded.add(url)
+            self.forward.append((url, line))
         if samples_read == 0:
             self.empty.add(url)
             if self.shards is not None and len(self.empty) >= self.shards:
                 raise FlytError(f"no shard can be read: {message}")
+
+
+def drain(found: list | None) -> list:
+    """The (shard, line) pairs collected since the last call (none outside a worker), for a stream's item."""
+    if not found:
+        return []
+    items = list(found)
+    found.clear()
+    return items
 
 
 def member_name(name: str) -> tuple[str, str]:

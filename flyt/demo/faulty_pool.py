@@ -3,7 +3,10 @@ reliability table (docs/reliability.md) and its test.
 
 ``python -m flyt.demo.faulty_pool OUT`` writes ``OUT/<case>/pool`` (2 shards of 8 clean samples, made by
 :func:`flyt.demo.toydata.write_pool`, with the case's one fault injected) and, for the input-file cases,
-``OUT/<case>/scores.parquet`` or ``OUT/<case>/subset.npy`` (a well-formed pool beside a bad input).
+``OUT/<case>/scores.parquet`` or ``OUT/<case>/subset.npy`` (a well-formed pool beside a bad input). The
+``task_`` cases write ``OUT/<case>/task`` instead, an eval task folder (:func:`flyt.demo.toydata.write_task`:
+``test/0.tar`` and ``test/1.tar`` of 4 samples each, ``test/nshards.txt``, the text files) whose test
+data carries the fault.
 """
 
 from __future__ import annotations
@@ -38,6 +41,10 @@ CASES = {
     "scores_nan": "scores.parquet has NaN scores",
     "subset_wrong_dtype": "subset.npy is int64, not u8,u8",
     "subset_unsorted": "subset.npy's uids are not sorted",
+    "task_truncated_tar": "the task's test shard test/1.tar cut off in the middle of a member",
+    "task_not_an_image": "one test sample's .png holds text",
+    "task_missing_label": "one test sample's .cls is not a number",
+    "task_missing_shard": "test/nshards.txt says 2 shards, test/1.tar is gone",
 }
 
 
@@ -77,6 +84,21 @@ def _edit_parquet(path: Path, edit: Callable[[pd.DataFrame], None]) -> None:
     table = pd.read_parquet(path)
     edit(table)
     table.to_parquet(path, index=False)
+
+
+def _inject_task(case: str, test: Path) -> None:
+    first, second = test / "0.tar", test / "1.tar"
+    if case == "task_truncated_tar":
+        data = second.read_bytes()
+        second.write_bytes(data[: len(data) // 2 + 100])
+    elif case == "task_not_an_image":
+        _rewrite_tar(first, _member("png", lambda n, d: (n, b"this is not an image")))
+    elif case == "task_missing_label":
+        _rewrite_tar(first, _member("cls", lambda n, d: (n, b"seven")))
+    elif case == "task_missing_shard":
+        second.unlink()
+    else:
+        raise ValueError(f"unknown fault case {case!r}: expected one of {sorted(CASES)}")
 
 
 def _inject(case: str, root: Path, pool: Path, df: pd.DataFrame) -> None:
@@ -132,8 +154,12 @@ def write_faulty_pool(out: str | Path, cases=tuple(CASES)) -> dict[str, Path]:
     folders = {}
     for case in cases:
         root = Path(out) / case
-        df = toydata.write_pool(root / "pool", SAMPLES, n_shards=SHARDS, seed=0, corruption={})
-        _inject(case, root, root / "pool", df)
+        if case.startswith("task_"):
+            task = toydata.write_task(root, name="task", n_train=1, n_test=8, n_test_shards=2)
+            _inject_task(case, task.eval_dir / "test")
+        else:
+            df = toydata.write_pool(root / "pool", SAMPLES, n_shards=SHARDS, seed=0, corruption={})
+            _inject(case, root, root / "pool", df)
         folders[case] = root
     return folders
 

@@ -18,8 +18,8 @@ import webdataset as wds
 
 from flyt.data.samples import decode_pair
 from flyt.data.subset import UID_DTYPE, load_subset, sort_order, uids_to_array
-from flyt.data.webdataset import DamagedShards, tar_samples
-from flyt.streams.workers import current_worker, worker_share
+from flyt.data.webdataset import DamagedShards, drain, tar_samples
+from flyt.streams.workers import current_worker, damage_forward, worker_share
 
 
 class SubsetCounts:
@@ -76,11 +76,11 @@ class SubsetStream(torch.utils.data.IterableDataset):
         self.preprocess, self.tokenizer = preprocess, tokenizer
         self.seed, self.rank, self.world_size, self.shuffle_buffer = seed, rank, world_size, shuffle_buffer
 
-    def _selected(self, epoch: int, skipped: Counter):
+    def _selected(self, epoch: int, skipped: Counter, forward: list | None):
         order = list(self.shards)
         random.Random(hash((self.seed, epoch))).shuffle(order)
         share = worker_share(order, self.rank, self.world_size)
-        for raw in tar_samples(share, on_damage=DamagedShards(skipped, len(share))):
+        for raw in tar_samples(share, on_damage=DamagedShards(skipped, len(share), forward)):
             sample = decode_pair(raw, skipped)
             if sample is None:
                 continue
@@ -93,17 +93,18 @@ class SubsetStream(torch.utils.data.IterableDataset):
         seed = hash((self.seed, self.rank, worker)) & 0x7FFFFFFF
         rng = random.Random(seed)
         torch.manual_seed(seed)
-        skipped, epoch, batch = Counter(), 0, []
+        skipped, forward, epoch, batch = Counter(), damage_forward(), 0, []
         while True:
             seen = 0
             for sample in wds.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=rng)(
-                    self._selected(epoch, skipped)):
+                    self._selected(epoch, skipped, forward)):
                 seen += 1
                 batch.append(sample)
                 if len(batch) == self.batch_size:
                     yield {"image": torch.stack([self.preprocess(s["image"]) for s in batch]),
                            "text": self.tokenizer([s["text"] for s in batch]),
-                           "uid": [s["uid"] for s in batch], "skipped": dict(skipped), "worker": worker, "pass": epoch}
+                           "uid": [s["uid"] for s in batch], "skipped": dict(skipped), "damaged": drain(forward),
+                           "worker": worker, "pass": epoch}
                     batch = []
             if seen == 0 and epoch > 0:
                 return  # this worker has no selected samples at all

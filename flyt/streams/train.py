@@ -21,9 +21,9 @@ from flyt.data.samples import decode_labelled, decode_pair
 from flyt.data.scores import ScoreLookup
 from flyt.data.shards import Source, list_shards
 from flyt.data.tasks import Task
-from flyt.data.webdataset import DamagedShards, tar_samples
+from flyt.data.webdataset import DamagedShards, drain, tar_samples
 from flyt.errors import FlytError
-from flyt.streams.workers import current_worker
+from flyt.streams.workers import current_worker, damage_forward
 
 
 @dataclass
@@ -63,10 +63,12 @@ def _resampled(shards: list[str], weights: list[float], rng: random.Random) -> I
 
 
 def _raw_samples(shards: list[str], weights: list[float], rng: random.Random, buffer: int,
-                 skipped: Counter) -> Iterator[dict]:
+                 skipped: Counter, forward: list | None = None) -> Iterator[dict]:
     """Samples of shards drawn with replacement; a damaged shard gives what precedes the damage (counted
-    in ``skipped``): one broken file of a huge pool must not end a run of hours."""
-    samples = tar_samples(_resampled(shards, weights, rng), on_damage=DamagedShards(skipped, len(set(shards))))
+    in ``skipped``, named through ``forward``: see :class:`DamagedShards`): one broken file of a huge pool
+    must not end a run of hours."""
+    damage = DamagedShards(skipped, len(set(shards)), forward)
+    samples = tar_samples(_resampled(shards, weights, rng), on_damage=damage)
     return wds.shuffle(buffer, min(buffer, 100), rng=rng)(samples)
 
 
@@ -86,16 +88,18 @@ class TrainStream(torch.utils.data.IterableDataset):
         seed = hash((cfg.seed, self.epoch, cfg.rank, worker)) & 0x7FFFFFFF
         rng = random.Random(seed)
         torch.manual_seed(seed)  # random crops of the train transform
-        skipped = Counter()
+        skipped, forward = Counter(), damage_forward()
         shards = [s for src in cfg.sources for s in src.shards]
         weights = [src.weight for src in cfg.sources for _ in src.shards]
         upstream = None if cfg.downstream_only else self._decoded(
-            _raw_samples(shards, weights, rng, cfg.shuffle_buffer, skipped), lambda raw: decode_pair(raw, skipped))
+            _raw_samples(shards, weights, rng, cfg.shuffle_buffer, skipped, forward),
+            lambda raw: decode_pair(raw, skipped))
         if cfg.downstream_clip:
-            down = [self._decoded(self._split(self._mixed_task_samples(rng, skipped)),
+            down = [self._decoded(self._split(self._mixed_task_samples(rng, skipped, forward)),
                                   lambda raw: decode_labelled(raw, skipped, True))]
         else:
-            down = [self._decoded(self._split(_raw_samples(s, [1.0] * len(s), rng, cfg.shuffle_buffer, skipped)),
+            down = [self._decoded(self._split(_raw_samples(s, [1.0] * len(s), rng, cfg.shuffle_buffer, skipped,
+                                                           forward)),
                                   lambda raw: decode_labelled(raw, skipped)) for s in cfg.task_shards]
         while True:
             step = {"worker": worker}
@@ -107,7 +111,7 @@ class TrainStream(torch.utils.data.IterableDataset):
                                        "texts": self.tokenizer([s["text"] for s in batch])}]
             else:
                 step["downstream"] = [self._task_batch(task, stream, rng) for task, stream in zip(cfg.tasks, down)]
-            step["skipped"] = dict(skipped)
+            step["skipped"], step["damaged"] = dict(skipped), drain(forward)
             yield step
 
     def _split(self, raw: Iterator[dict]) -> Iterator[dict]:
@@ -122,7 +126,7 @@ class TrainStream(torch.utils.data.IterableDataset):
                 out["image"] = self.preprocess(out["image"])
                 yield out
 
-    def _mixed_task_samples(self, rng: random.Random, skipped: Counter) -> Iterator[dict]:
+    def _mixed_task_samples(self, rng: random.Random, skipped: Counter, forward: list | None) -> Iterator[dict]:
         """All tasks in one stream: shards equally likely, or tasks equally likely (``dataset_weighted``),
         scaled by the task weights."""
         cfg = self.cfg
@@ -131,7 +135,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         for shard_list, w in zip(cfg.task_shards, task_w):
             shards += shard_list
             weights += [w / len(shard_list) if cfg.dataset_weighted else w] * len(shard_list)
-        return _raw_samples(shards, weights, rng, cfg.shuffle_buffer, skipped)
+        return _raw_samples(shards, weights, rng, cfg.shuffle_buffer, skipped, forward)
 
     def _upstream_batch(self, stream: Iterator[dict]) -> dict:
         samples = [next(stream) for _ in range(self.cfg.upstream_batch)]

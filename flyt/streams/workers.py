@@ -20,3 +20,11 @@ def worker_share(items: Sequence[T], rank: int = 0, world_size: int = 1) -> Sequ
     workers of all ranks take disjoint shares that cover the list (a worker beyond its length gets none)."""
     worker, workers = current_worker()
     return items[rank * workers + worker :: world_size * workers]
+
+
+def damage_forward() -> list | None:
+    """Where a stream collects its damaged shards for the main process to name (see
+    :class:`flyt.data.webdataset.DamagedShards`): a list in a DataLoader worker, None in the main process."""
+    import torch
+
+    return [] if torch.utils.data.get_worker_info() is not None else None

@@ -24,6 +24,7 @@ from flyt.data.scores import open_scores
 from flyt.data.shards import parse_sources, parse_weights
 from flyt.streams.train import StreamConfig, TrainStream
 from flyt.data.tasks import parse_task_names
+from flyt.data.webdataset import name_damaged
 from flyt.train.diagnostics import Probe, batch_diagnostics
 from flyt.train.preemption import EXIT_CODE, Preempted, StopSignal, ignore_sigterm
 from flyt.errors import FlytError
@@ -333,11 +334,13 @@ class Trainer:
             for _ in range(self.step - start):
                 bundle = next(batches)
                 skipped_samples[bundle["worker"]] = bundle["skipped"]
+                name_damaged(bundle["damaged"])  # the workers' damaged shards, named here once per run
             stop = False
             while self.step < end and not stop:
                 tick = time.time()
                 bundle = next(batches)
                 skipped_samples[bundle["worker"]] = bundle["skipped"]
+                name_damaged(bundle["damaged"])
                 last = self.train_step(bundle)
                 last["samples_per_s"] = cfg.upstream_batch_size / max(time.time() - tick, 1e-9)
                 last["skipped_samples"] = sum(sum(c.values()) for c in skipped_samples.values())
