@@ -16,7 +16,7 @@ import torch
 from flyt.errors import FlytError
 from flyt.train.loop import _complete_lines
 
-from train_runs import assert_same_run, command, logged_steps, run, start, wait_for
+from train_runs import assert_same_run, command, logged_steps, metrics, run, start, wait_for
 
 KILL_AT = 4  # the first step of epoch 2 is logged: epoch 1's checkpoint exists, epoch 2's does not
 
@@ -26,7 +26,8 @@ def test_sigkill_in_mid_epoch_then_resume_equals_uninterrupted(train_runs, tmp_p
     """Mutations of ``Trainer.maybe_resume`` / ``MetricsLog`` caught, each failing here: not restoring the
     scoring optimizer, the reference's AdamW step count or the temperature; keeping the killed run's lines
     past its checkpoint (step 4 logged twice); ignoring ``--resume`` altogether (epoch 1's files rewritten);
-    parsing the cut-short last line of ``metrics.jsonl`` (the resume fails on its JSON).
+    parsing the cut-short last line of ``metrics.jsonl`` (the resume fails on its JSON); counting skipped
+    samples afresh in each epoch (the count drops at step 4), or not restoring the finished epochs' count.
     Not covered: the loss scale (static in fp32 on CPU), and not restoring the RNG state, which nothing
     draws from during training since the data loader has its own generator (verified: the test passes).
     """
@@ -52,6 +53,9 @@ def test_sigkill_in_mid_epoch_then_resume_equals_uninterrupted(train_runs, tmp_p
     # it resumed rather than started over: epoch 1's files are the killed run's, never rewritten
     assert [identity(name) for name in ("epoch_1.pt", "scoring_epoch_1.pt")] == epoch_1
     assert_same_run(expected, out / "run")
+    # the skipped-sample count covers the whole run: it goes on across the epoch boundary (step 3 | 4)
+    counts = [row["skipped_samples"] for row in metrics(out / "run")]
+    assert counts == sorted(counts) and counts[2] > 0, counts
     shutil.rmtree(out / "run")
 
 

@@ -27,7 +27,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def write_data(root: Path) -> Path:
-    pool = toydata.write_pool(root / "pool", 120, n_shards=2, seed=0, n_broken=2)
+    pool = toydata.write_pool(root / "pool", 120, n_shards=2, seed=0, n_broken=8)
     toydata.write_score_parquets(pool, root / "scores")
     toydata.write_task(root / "tasks", layout="simple")
     return root

@@ -135,7 +135,8 @@ class Trainer:
         self.loss_scale = LossScale(cfg.scaler_scale, dynamic=True) if cfg.precision == "amp" else LossScale()
         self.step, self.epoch = 0, 0
         self.skipped_steps = 0
-        self.skipped_causes = {}  # the streams' skipped samples (and damaged shard reads) by cause
+        self.skipped_causes = {}  # the streams' skipped samples (and damaged shard reads) by cause, whole run
+        self.skipped_in_epochs = Counter()  # those of the finished epochs (each epoch's streams count afresh)
         self.skipped_in_a_row = 0  # steps since the last finite one; past MAX_SKIPPED_IN_A_ROW the run stops
         self.signals = StopSignal(stop_on_sigterm=False)
         self.probe: Probe | None = None
@@ -147,6 +148,7 @@ class Trainer:
         dls = self.dls.detach().cpu() if self.dls is not None else None
         meta = {"scorer": self.spec.to_dict(), "step": self.step, "config": dataclasses.asdict(self.cfg),
                 "loss_scale": dataclasses.asdict(self.loss_scale), "skipped_steps": self.skipped_steps,
+                "skipped_in_epochs": dict(self.skipped_in_epochs),
                 "rng": torch.get_rng_state(), "probe_initial": self.probe.initial if self.probe else None,
                 "validation": self.validation.state() if self.validation else None,
                 "dls_optimizer": self.dls_opt.state_dict() if self.dls_opt is not None else None}
@@ -187,6 +189,7 @@ class Trainer:
                                     {k: v.to(self.device) for k, v in state.exp_avg_sq.items()})
         meta = scoring["flyt"]
         self.epoch, self.step, self.skipped_steps = scoring["epoch"], meta["step"], meta["skipped_steps"]
+        self.skipped_in_epochs = Counter(meta.get("skipped_in_epochs", {}))
         self.loss_scale = LossScale(**meta["loss_scale"])
         torch.set_rng_state(meta["rng"])
         self.probe = Probe(self._probe_batch(), meta.get("probe_initial"))
@@ -343,8 +346,9 @@ class Trainer:
                 name_damaged(bundle["damaged"])
                 last = self.train_step(bundle)
                 last["samples_per_s"] = cfg.upstream_batch_size / max(time.time() - tick, 1e-9)
-                last["skipped_samples"] = sum(sum(c.values()) for c in skipped_samples.values())
-                self.skipped_causes = dict(sorted(sum(map(Counter, skipped_samples.values()), Counter()).items()))
+                self.skipped_causes = dict(sorted(sum(map(Counter, skipped_samples.values()),
+                                                      Counter(self.skipped_in_epochs)).items()))
+                last["skipped_samples"] = sum(self.skipped_causes.values())
                 bar.update(1)
                 if self._logs(self.step):
                     logger.log(last)
@@ -354,6 +358,7 @@ class Trainer:
             del batches, loader
             if self.step == end:
                 self.epoch += 1
+                self.skipped_in_epochs = Counter(self.skipped_causes)
                 self.save()
             if stop:
                 self._preempted(end)
