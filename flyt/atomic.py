@@ -95,10 +95,11 @@ def storage_error(exc: BaseException, path=None) -> StorageError | None:
         exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
         if exc is None:
             return None
-    reason = exc.strerror
     if exc.errno is None and path is not None and _nearly_full(Path(path).parent):
         reason = os.strerror(errno.ENOSPC)  # numpy's tofile says only "N requested and M written"
-    elif exc.errno not in STORAGE_ERRNOS:
+    elif exc.errno in STORAGE_ERRNOS:
+        reason = os.strerror(exc.errno)  # not pyarrow's "Error writing bytes to file. Detail: [errno 28] ..."
+    else:
         return None
     where = path if path is not None else exc.filename
     kept = " (the previous file there is intact)" if path is not None and Path(path).exists() else ""
