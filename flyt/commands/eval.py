@@ -364,8 +364,11 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.workers < 0:
         raise FlytError(f"--batch_size must be >= 1 and --workers >= 0 (got {args.batch_size}, {args.workers})")
     tasks = [resolve_eval_task(token, args.eval_dir) for token in args.tasks.split("::") if token]
+    from flyt.atomic import check_writable
+
     for task in tasks:  # every task's shards exist before the model loads
         test_shards(task)
+    check_writable(args.output)  # a read-only --output folder fails now, not after the evaluation
     model, preprocess, tokenizer = load_model(args.model, args.checkpoint, device)
     results, lines, failed = [], [], []
     for task in tasks:

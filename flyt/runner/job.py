@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from flyt.atomic import sweep_temporaries
-from flyt.errors import FlytError, Preempted, stop_on_sigterm
+from flyt.errors import FlytError, Preempted, StorageError, stop_on_sigterm
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,9 @@ def share(units: list[Unit], part: int, parts: int) -> list[Unit]:
 
 
 def run_job(job: Job, executor, part: int = 0, parts: int = 1, bar=None) -> Report:
-    """Run this part's pending units of ``job`` on ``executor``; failures are recorded, not raised.
+    """Run this part's pending units of ``job`` on ``executor``; failures are recorded, not raised, except a
+    unit's ``StorageError`` (a full disk, a read-only folder): every unit after it would fail the same way,
+    so the job stops there (units in flight finish) and raises it, once, with the counts.
 
     ``bar`` (a ``flyt.progress.bar``) advances by one per unit; without it a bar counting units is shown.
     """
@@ -133,10 +135,14 @@ def run_job(job: Job, executor, part: int = 0, parts: int = 1, bar=None) -> Repo
     own_bar = bar is None
     if own_bar:
         bar = progress.bar(total=len(mine), initial=report.already_done, desc=job.title, unit=job.unit_label)
-    samples = 0
+    samples, full = 0, None
+    results = executor.run(job, pending)
     try:
         with stop_on_sigterm("SIGTERM"):  # the message is replaced below, with the counts
-            for unit, result in executor.run(job, pending):
+            for unit, result in results:
+                if isinstance(result, StorageError):
+                    full = result
+                    break
                 if isinstance(result, BaseException):
                     report.failed[unit.name] = error_message(result)
                 else:
@@ -150,8 +156,12 @@ def run_job(job: Job, executor, part: int = 0, parts: int = 1, bar=None) -> Repo
         raise Preempted(f"{job.title}: stopped by SIGTERM with {report.already_done + len(report.done)} of "
                         f"{len(mine)} {job.unit_label}s done (kept); rerun the same command to do the rest") from None
     finally:
+        results.close()  # a stop cancels the queued units
         if own_bar:
             bar.close()
+    if full is not None:
+        raise StorageError(f"{job.title}: stopped with {report.already_done + len(report.done)} of {len(mine)} "
+                           f"{job.unit_label}s done: {error_message(full)}") from None
     report.seconds = time.perf_counter() - started
     return report
 

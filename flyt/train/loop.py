@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from flyt import progress
-from flyt.atomic import atomic_path, sweep_folder
+from flyt.atomic import append_whole, atomic_path, sweep_folder
 
 from flyt.models import checkpoint
 from flyt.method.bilevel import BilevelConfig, DownstreamBatch, flyt_step
@@ -411,8 +411,7 @@ class MetricsLog:
     def log(self, metrics: dict) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps(metrics) + "\n")
+        append_whole(self.path, json.dumps(metrics) + "\n")
         shown = " ".join(f"{k.split('/')[-1] if k.startswith('downstream_loss/') else k}={v:.4g}"
                          for k, v in metrics.items() if isinstance(v, float) and math.isfinite(v))
         progress.write(f"step {metrics['step']}: {shown}")
