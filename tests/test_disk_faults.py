@@ -158,8 +158,9 @@ def _argv(pool: dict, command: str, out: Path) -> list[str]:
 
 
 # command -> (pages left free: room for the first two units' outputs, the files compared with an uninterrupted run)
-FULL = {"score": (2, ["*.parquet"]),  # one page per shard's parquet
-        "features": (10, ["*_scores.parquet", "embeddings/*.npy", "embeddings/*.parquet"]),  # 2 claims, 4 per shard
+# score and features first index the uids (a page per shard, one for the bucket: 7 pages in _repeats/)
+FULL = {"score": (2 + 7, ["*.parquet"]),  # one page per shard's parquet
+        "features": (10 + 7, ["*_scores.parquet", "embeddings/*.npy", "embeddings/*.parquet"]),  # 2 claims, 4 per shard
         "reshard": (30, ["*.tar", "*.parquet"])}  # the scan's index files (13 pages), then 10 per output shard
 
 

@@ -90,3 +90,28 @@ def _rows_below(sorted_rows: np.ndarray, frontier) -> int:
     """How many leading rows of a uid-sorted block come before the uid ``frontier``."""
     f0, f1 = sorted_rows["f0"], sorted_rows["f1"]
     return int(np.count_nonzero((f0 < frontier["f0"]) | ((f0 == frontier["f0"]) & (f1 < frontier["f1"]))))
+
+
+def read_range(path: str | os.PathLike, field: str, low, high=None) -> np.ndarray:
+    """The rows of a run sorted by ``field`` whose ``field`` is in [low, high) (high None: to the end),
+    found by a binary search over the file: a few small reads, no memory map, the file closed at once."""
+    reader = _Reader(Path(path))
+    with reader.handle as handle:
+        start, size = handle.tell(), reader.dtype.itemsize
+        offset, kind = reader.dtype.fields[field][1], reader.dtype.fields[field][0]
+
+        def first_at_least(value) -> int:
+            lo, hi = 0, reader.left
+            while lo < hi:
+                mid = (lo + hi) // 2
+                handle.seek(start + mid * size + offset)
+                if np.frombuffer(handle.read(kind.itemsize), kind)[0] < value:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            return lo
+
+        a = first_at_least(low)
+        b = reader.left if high is None else first_at_least(high)
+        handle.seek(start + a * size)
+        return np.fromfile(handle, dtype=reader.dtype, count=max(0, b - a))

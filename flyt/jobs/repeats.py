@@ -22,7 +22,7 @@ import numpy as np
 
 from flyt.atomic import atomic_path
 from flyt.data.pool import Shard, shard_ids
-from flyt.data.runs import run_length, write_run
+from flyt.data.runs import read_range, run_length, write_run
 from flyt.data.subset import UID_DTYPE, array_to_uids, sort_order, uids_to_array
 from flyt.errors import FlytError
 from flyt.runner.job import Job, Unit, run_job
@@ -75,12 +75,11 @@ class Buckets(Job):
 
     def run(self, unit: Unit, state) -> dict:
         pieces, owners = [], []
+        low, high = _bucket_bounds(unit.payload, self.bits)
         for shard, path in self.runs:
-            if run_length(path):
-                ids = np.load(path, mmap_mode="r")
-                lo, hi = _bucket_slice(ids["f0"], unit.payload, self.bits)
-                pieces.append(np.array(ids[lo:hi]))
-                owners.append(np.full(hi - lo, shard, np.int64))
+            piece = read_range(path, "f0", low, high)
+            pieces.append(piece)
+            owners.append(np.full(len(piece), shard, np.int64))
         rows = np.concatenate(pieces) if pieces else np.zeros(0, UID_DTYPE)
         owner = np.concatenate(owners) if owners else np.zeros(0, np.int64)
         order = sort_order(rows)  # stable: a uid's rows stay in shard order, the first is its owner's
@@ -95,14 +94,11 @@ class Buckets(Job):
         return {}
 
 
-def _bucket_slice(f0: np.ndarray, bucket: int, bits: int) -> tuple[int, int]:
-    """Rows of a sorted run whose uid's first ``bits`` bits are ``bucket``."""
-    if bits == 0:
-        return 0, len(f0)
+def _bucket_bounds(bucket: int, bits: int) -> tuple[np.uint64, np.uint64 | None]:
+    """The range of a uid's first half (f0) whose first ``bits`` bits are ``bucket`` (None: no end)."""
     shift = 64 - bits
-    lo = int(np.searchsorted(f0, np.uint64(bucket << shift)))
-    hi = len(f0) if bucket + 1 == 1 << bits else int(np.searchsorted(f0, np.uint64((bucket + 1) << shift)))
-    return lo, hi
+    low = np.uint64(bucket << shift)
+    return low, None if bucket + 1 == 1 << bits else np.uint64((bucket + 1) << shift)
 
 
 class Repeats:
@@ -118,15 +114,10 @@ class Repeats:
             return None
         shard, parts = self.positions[name], []
         for b in range(self.buckets):
-            path = self.folder / f"{b:06d}.npy"
-            if run_length(path):
-                taken = np.load(path, mmap_mode="r")
-                lo, hi = np.searchsorted(taken["shard"], [shard, shard + 1])
-                if hi > lo:
-                    parts.append(np.array(taken[lo:hi]))
-        if not parts:
-            return None
+            parts.append(read_range(self.folder / f"{b:06d}.npy", "shard", shard, shard + 1))
         rows = np.concatenate(parts)
+        if not len(rows):
+            return None
         codes = np.empty(len(rows), UID_DTYPE)
         codes["f0"], codes["f1"] = rows["f0"], rows["f1"]
         return array_to_uids(codes)
