@@ -63,7 +63,7 @@ def train_clip(cfg):
     from open_clip_train.scheduler import cosine_lr
 
     from flyt import progress
-
+    from flyt.atomic import append_whole, atomic_path
     from flyt.models import checkpoint
     from flyt.data.shards import parse_sources
     from flyt.data.webdataset import name_damaged
@@ -94,7 +94,9 @@ def train_clip(cfg):
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "amp" else None
     run_dir = Path(cfg.output_dir) / cfg.run_name
     run_dir.mkdir(parents=True, exist_ok=True)
-    log = (run_dir / "metrics.jsonl").open("w")
+    log = run_dir / "metrics.jsonl"
+    with atomic_path(log) as tmp:  # a rerun starts the log afresh
+        tmp.write_text("")
     start, skipped, seen = time.time(), {}, SeenUids()
     model.train()
     batches = iter(loader)
@@ -126,9 +128,8 @@ def train_clip(cfg):
                 last = float(loss.detach())
                 line = {"step": step + 1, "loss": last, "lr": optimizer.param_groups[0]["lr"],
                         "logit_scale": float(model.logit_scale.detach().exp())}
-                log.write(json.dumps(line) + "\n")
+                append_whole(log, json.dumps(line) + "\n")  # whole lines only, a full disk named
                 bar.set_postfix(loss=f"{last:.3f}")
-    log.close()
     path = run_dir / "checkpoints" / "epoch_latest.pt"
     checkpoint.save_clip(path, model, optimizer, cfg.steps, cfg.run_name)
     uids, counts = seen.result()
