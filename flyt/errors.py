@@ -1,6 +1,7 @@
 """The user-facing errors, so the CLI can print each as a single line, and SIGTERM turned into one."""
 
 import contextlib
+import re
 import signal
 import threading
 
@@ -9,6 +10,15 @@ class FlytError(Exception):
     """Bad input: a flag, a file or a folder that is not what the command needs (exit code 2)."""
 
     exit_code = 2
+
+
+def remote_hint(path) -> str:
+    """For a path that is not there but looks like a URL or a pipe (``s3://...``, ``gs://...``,
+    ``pipe:...``): how to give it, since flyt opens local paths only (never a URL, never a shell command)."""
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]+:", str(path)):  # a scheme, not a drive letter
+        return ("; flyt reads local paths only (no URL or pipe: is ever opened): mount the bucket "
+                "(s3fs, gcsfuse, ...) and give the mounted path")
+    return ""
 
 
 class StorageError(FlytError):

@@ -92,3 +92,20 @@ def test_a_shard_named_like_a_shell_command_is_read_as_a_file(tmp_path, monkeypa
     shutil.copy(shard, tmp_path / shard.name)
     assert sum(1 for _ in tar_samples([name])) == 8
     assert not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["sample", "--scores", "s3://bucket/scores", "--method", "topk", "--fraction", "0.5", "--output", "OUT/x.npy"],
+    ["score", "--checkpoint", "gs://bucket/scorer.pt", "--upstream_data_dir", "OUT", "--output", "OUT/s"],
+    ["features", "--upstream_data_dir", "pipe:curl -s https://host/x.tar", "--output", "OUT/f", "--scores",
+     "caption_words"],
+    ["reshard", "--pool", "s3://bucket/pool", "--subset", "OUT/subset.npy", "--output", "OUT/r"],
+])
+def test_a_url_or_pipe_for_a_path_is_refused_with_how_to_give_it(tmp_path, argv, capsys):
+    """Remote paths are not supported: a URL or ``pipe:`` where a path goes is never opened (no fsspec, no
+    shell); the one line says to mount the bucket. Mutation caught: ``remote_hint`` returning "" (the line
+    only says the path does not exist)."""
+    assert cli.main([a.replace("OUT", str(tmp_path)) for a in argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and ("does not exist" in err[0] or "no such file" in err[0]), err
+    assert "mount the bucket" in err[0] and argv[2].split(" ")[0] in err[0], err

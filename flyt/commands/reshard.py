@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     if args.shuffle_seed is not None and args.shuffle_seed < 0:
         raise FlytError(f"--seed must be a non-negative integer, got {args.shuffle_seed}")
     out, pool = Path(args.output), Path(args.pool)
-    shards = list_shards(pool, "--upstream_data_dir")
+    shards = list_shards(args.pool, "--upstream_data_dir")
     if pool.is_dir() and (out.resolve() == pool.resolve() or pool.resolve() in out.resolve().parents):
         raise FlytError(f"--output {out} lies inside --upstream_data_dir {pool}; its shards would join the pool")
     subset = load_subset(args.subset)

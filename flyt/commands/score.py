@@ -41,7 +41,7 @@ from pathlib import Path
 
 from flyt.data.pool import pool_shards
 from flyt.data.score_files import Output, merge, read_stats
-from flyt.errors import FlytError
+from flyt.errors import FlytError, remote_hint
 from flyt.jobs.repeats import clean_repeats
 from flyt.jobs.score import ScoreJob
 from flyt.runner.engines import add_engine_arguments, make_executor
@@ -83,7 +83,7 @@ def _check_flags(args) -> None:
     if args.workers < 0:
         raise FlytError(f"--workers must be >= 0 (got {args.workers})")
     if not Path(args.checkpoint).is_file():
-        raise FlytError(f"--checkpoint {args.checkpoint} does not exist")
+        raise FlytError(f"--checkpoint {args.checkpoint} does not exist{remote_hint(args.checkpoint)}")
 
 
 def _summarise(report: Report, job: ScoreJob, mine, args, part: int, parts: int, seconds: float) -> dict:

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from flyt.runner.job import error_message
 from flyt.data.subset import as_strings, fixed_chars, valid_uids
-from flyt.errors import FlytError
+from flyt.errors import FlytError, remote_hint
 
 PER_SHARD = "_scores.parquet"
 _CHUNK = 1 << 16  # ids copied per step when their lengths differ
@@ -30,7 +30,7 @@ def score_files(parquet_dir: str | Path) -> tuple[Path, bool, list[Path]]:
     read one by one as samples need them)."""
     folder = Path(parquet_dir)
     if not folder.is_dir():
-        raise FlytError(f"--parquet_dir {folder} is not a folder")
+        raise FlytError(f"--parquet_dir {parquet_dir} is not a folder{remote_hint(parquet_dir)}")
     per_shard = sorted(folder.glob(f"*{PER_SHARD}"))
     files = per_shard or sorted(p for p in folder.rglob("*.parquet") if not p.name.startswith("."))
     if not files:

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from flyt.data.subset import array_to_uids, sort_order, uids_to_array
-from flyt.errors import FlytError
+from flyt.errors import FlytError, remote_hint
 
 BATCH_ROWS = 1 << 20
 
@@ -34,7 +34,7 @@ def score_files(path: str, column: str) -> tuple[list[str], list[int]]:
     elif os.path.exists(path):
         files = [path]
     else:
-        raise FlytError(f"--scores {path}: no such file or folder")
+        raise FlytError(f"--scores {path}: no such file or folder{remote_hint(path)}")
     rows, by_uid, by_key = [], [], []
     for file in files:
         try:

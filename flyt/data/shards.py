@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from flyt.errors import FlytError
+from flyt.errors import FlytError, remote_hint
 
 
 @dataclass(frozen=True)
@@ -17,13 +17,13 @@ class Source:
 
 def list_shards(path: str | Path, flag: str) -> list[str]:
     """Every .tar of one source, sorted. A DataComp resharder folder's meta.json is checked."""
-    path = Path(path)
+    given, path = path, Path(path)
     if path.is_file():
         if path.suffix != ".tar":
             raise FlytError(f"{flag}: {path} is not a .tar shard")
         return [str(path)]
     if not path.is_dir():
-        raise FlytError(f"{flag}: {path} does not exist")
+        raise FlytError(f"{flag}: {given} does not exist{remote_hint(given)}")
     shards = sorted(str(p) for p in path.rglob("*.tar"))
     meta = path / "meta.json"
     if meta.exists():

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from flyt.atomic import atomic_path
-from flyt.errors import FlytError
+from flyt.errors import FlytError, remote_hint
 from flyt.models.networks import ScorerSpec, build_scorer
 
 SCORING = "scoring_epoch_{}.pt"
@@ -68,9 +68,9 @@ def _write(payload: dict, path: Path) -> None:
 
 
 def load(path: str | Path) -> dict:
-    path = Path(path)
+    given, path = path, Path(path)
     if not path.is_file():
-        raise FlytError(f"checkpoint {path} does not exist")
+        raise FlytError(f"checkpoint {given} does not exist{remote_hint(given)}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
