@@ -176,6 +176,81 @@ def test_score_killed_anywhere(pool, tmp_path, mode):
     assert_same_scores(tmp_path / "reference", tmp_path / "out", "*.parquet")
 
 
+# ``python -c HELD MARKER score ...``: flyt score with at most 2 Ray actors whose driver, once the first shard's
+# result is in, touches MARKER and waits there (so no further shard is handed out): a kill then is in mid-work
+HELD = """import pathlib, sys, time
+from flyt.runner import on_ray
+run, marker = on_ray.RayExecutor.run, pathlib.Path(sys.argv.pop(1))
+def held(self, job, units):
+    self.max_actors = 2
+    for i, result in enumerate(run(self, job, units)):
+        yield result
+        marker.touch()
+        time.sleep(300)
+on_ray.RayExecutor.run = held
+from flyt.cli import main
+sys.exit(main())
+"""
+
+
+def processes_of(sessions: set[int]) -> dict[int, str]:
+    """The live (not zombie) processes of these sessions (a run started by ``start`` leads its own): pid -> name."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            comm, rest = (proc / "stat").read_text().rsplit(")", 1)
+            state, _, _, session = rest.split()[:4]
+        except (OSError, ValueError):
+            continue
+        if int(session) in sessions and state != "Z":
+            found[int(proc.name)] = comm.split("(", 1)[1]
+    return found
+
+
+def assert_all_exit(sessions: set[int], seconds: float) -> None:
+    """Every process of ``sessions`` gone within ``seconds``; stragglers are killed (so no test leaks them)."""
+    deadline = time.monotonic() + seconds
+    while (left := processes_of(sessions)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert not left, f"still running {seconds:g} s after their run: {left}"
+
+
+def test_score_on_ray_killed_in_mid_work_leaves_no_ray_and_the_rerun_finishes(pool, tmp_path):
+    """``flyt score --engine ray`` SIGKILLed (its process group: the driver and the local Ray it started)
+    with some shards written, not all, then rerun: the in-process files, every uid once, no temporary left.
+
+    Ray's own cleanup, checked here: its head processes (gcs, raylet, agents) share the driver's process
+    group and die with it; its actors lead process groups of their own, finish the call in flight and exit
+    within seconds of their raylet (~4 s here), so a kill leaks no local Ray. Mutations caught: a shard
+    counted done once the output folder holds any file (the rerun writes nothing: shards missing); the
+    killed run's actors given 0.5 s instead of 30 to exit (the check names them: still running)."""
+    from flyt.cli import main as cli
+
+    assert cli(_score_cmd(pool, "mflyt", tmp_path / "reference")[len(CLI):]) == 0  # in this process: no start-up
+    out, log, marker = tmp_path / "out", tmp_path / "killed.log", tmp_path / "held"
+    argv = _score_cmd(pool, "mflyt", out, "--engine", "ray")[len(CLI):]
+    proc = start([sys.executable, "-c", HELD, str(marker), *argv], log)
+    try:
+        wait_for(proc, marker.exists, "the first shard's result", log)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    written = sorted(out.glob("*.parquet"))
+    assert 1 <= len(written) < 4, [p.name for p in written]  # in mid-work
+    assert_all_exit({proc.pid}, 30)
+    rerun = start(_score_cmd(pool, "mflyt", out, "--engine", "ray"), log)
+    try:
+        assert rerun.wait(TIMEOUT_S) == 0, log.read_text()[-2000:]
+    finally:
+        assert_all_exit({rerun.pid}, 30)
+    assert_same_scores(tmp_path / "reference", out, "*.parquet")
+
+
 @pytest.mark.slow  # ~75 s here: a local Ray starts in each of the five runs
 def test_score_on_ray_killed_anywhere(pool, tmp_path):
     """The driver (and the local Ray it started, one process group) killed; the rerun finishes."""
