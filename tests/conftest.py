@@ -38,4 +38,5 @@ def train_runs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("train_runs")
     data, out = train_runs.write_data(root), root / "out"
-    return data, out, lambda mode: train_runs.uninterrupted(data, out, mode, root / f"uninterrupted-{mode}")
+    return data, out, lambda mode, precision=None: train_runs.uninterrupted(
+        data, out, mode, root / "-".join(filter(None, ("uninterrupted", mode, precision))), precision)

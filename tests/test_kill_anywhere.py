@@ -105,6 +105,14 @@ def assert_same_scores(expected: Path, got: Path, pattern: str) -> None:
     no_leftovers(got)
 
 
+def assert_same_embeddings(expected: Path, got: Path) -> None:
+    """The same embedding cache (``flyt features --save_embeddings``), file for file, if there is one."""
+    names = sorted(p.name for p in (expected / "embeddings").glob("*.npy"))
+    assert names == sorted(p.name for p in (got / "embeddings").glob("*.npy"))
+    for name in names:
+        assert (expected / "embeddings" / name).read_bytes() == (got / "embeddings" / name).read_bytes(), name
+
+
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory) -> dict:
     """A 4-shard pool with broken samples, its input scores, and M-FLYT, FLYT and teacher checkpoints."""
@@ -176,6 +184,91 @@ def test_score_killed_anywhere(pool, tmp_path, mode):
     assert_same_scores(tmp_path / "reference", tmp_path / "out", "*.parquet")
 
 
+# ``python -c HELD MARKER score ...``: a flyt command on at most 2 Ray actors whose driver, once the first shard's
+# result is in, touches MARKER and waits there (so no further shard is handed out): a kill then is in mid-work
+HELD = """import pathlib, sys, time
+from flyt.runner import on_ray
+run, marker = on_ray.RayExecutor.run, pathlib.Path(sys.argv.pop(1))
+def held(self, job, units):
+    self.max_actors = 2
+    for i, result in enumerate(run(self, job, units)):
+        yield result
+        marker.touch()
+        time.sleep(300)
+on_ray.RayExecutor.run = held
+from flyt.cli import main
+sys.exit(main())
+"""
+
+
+def processes_of(sessions: set[int]) -> dict[int, str]:
+    """The live (not zombie) processes of these sessions (a run started by ``start`` leads its own): pid -> name."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            comm, rest = (proc / "stat").read_text().rsplit(")", 1)
+            state, _, _, session = rest.split()[:4]
+        except (OSError, ValueError):
+            continue
+        if int(session) in sessions and state != "Z":
+            found[int(proc.name)] = comm.split("(", 1)[1]
+    return found
+
+
+def assert_all_exit(sessions: set[int], seconds: float) -> None:
+    """Every process of ``sessions`` gone within ``seconds``; stragglers are killed (so no test leaks them)."""
+    deadline = time.monotonic() + seconds
+    while (left := processes_of(sessions)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert not left, f"still running {seconds:g} s after their run: {left}"
+
+
+def _argv(pool, command: str, out: Path, *extra: str) -> list[str]:
+    """``flyt score`` (M-FLYT) or ``flyt features``'s arguments (after ``flyt``)."""
+    cmd = _score_cmd(pool, "mflyt", out, *extra) if command == "score" else [*_features_cmd(pool, out), *extra]
+    return cmd[len(CLI):]
+
+
+@pytest.mark.parametrize("command", ["score", pytest.param("features", marks=pytest.mark.slow)])
+def test_on_ray_killed_in_mid_work_leaves_no_ray_and_the_rerun_finishes(pool, one_thread, tmp_path, command):
+    """``flyt score --engine ray`` (``flyt features``: slow, ~35 s here) SIGKILLed (its process group: the
+    driver and the local Ray it started) with some shards written, not all, then rerun: the files of an
+    in-process run, every uid once, no temporary left.
+
+    Ray's own cleanup, checked here: its head processes (gcs, raylet, agents) share the driver's process
+    group and die with it; its actors lead process groups of their own, finish the call in flight and exit
+    within seconds of their raylet (~4 s here), so a kill leaks no local Ray. Mutations caught: a shard
+    counted done once the output folder holds any file (the rerun writes nothing: shards missing); the
+    killed run's actors given 0.5 s instead of 30 to exit (the check names them: still running)."""
+    from flyt.cli import main as cli
+
+    out, log, marker = tmp_path / "out", tmp_path / "killed.log", tmp_path / "held"
+    argv = _argv(pool, command, out, "--engine", "ray")
+    pattern = "*.parquet" if command == "score" else "*_scores.parquet"
+    assert cli(_argv(pool, command, tmp_path / "reference")) == 0  # here (one thread, as a 1-CPU actor): no start-up
+    proc = start([sys.executable, "-c", HELD, str(marker), *argv], log)
+    try:
+        wait_for(proc, marker.exists, "the first shard's result", log)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    written = sorted(out.glob(pattern))
+    assert 1 <= len(written) < 4, [p.name for p in written]  # in mid-work
+    assert_all_exit({proc.pid}, 30)
+    rerun = start([*CLI, *argv], log)
+    try:
+        assert rerun.wait(TIMEOUT_S) == 0, log.read_text()[-2000:]
+    finally:
+        assert_all_exit({rerun.pid}, 30)
+    assert_same_scores(tmp_path / "reference", out, pattern)
+    assert_same_embeddings(tmp_path / "reference", out)
+
+
 @pytest.mark.slow  # ~75 s here: a local Ray starts in each of the five runs
 def test_score_on_ray_killed_anywhere(pool, tmp_path):
     """The driver (and the local Ray it started, one process group) killed; the rerun finishes."""
@@ -203,8 +296,7 @@ def test_features_killed_anywhere(pool, tmp_path):
                     after_kill=killed_in_summary_write(out))
     assert cut >= 1
     assert_same_scores(tmp_path / "reference", tmp_path / "out", "*_scores.parquet")
-    for path in sorted((tmp_path / "reference" / "embeddings").glob("*.npy")):
-        assert path.read_bytes() == (tmp_path / "out" / "embeddings" / path.name).read_bytes(), path.name
+    assert_same_embeddings(tmp_path / "reference", tmp_path / "out")
 
 
 def _sample_cmd(scores: Path, out: Path) -> list[str]:

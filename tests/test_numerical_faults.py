@@ -28,14 +28,17 @@ def data(tmp_path_factory):
     return root
 
 
+def _blowing_up(data, out, *extra: str) -> list[str]:
+    """A 12-step M-FLYT ``flyt train`` whose mixer blows up after its first step."""
+    return ["train", "--upstream_data_dir", str(data / "pool"), "--downstream_task_names", str(data / "tasks" / "digits"),
+            "--model", "flyt-tiny", "--upstream_batch_size", "16", "--downstream_batch_size", "8", "--n_iterations", "12",
+            "--workers", "0", "--warmup", "1", "--parquet_dir", str(data / "scores"), "--parquet_fields", "informative",
+            "noise_a", "noise_b", "--scoring_learning_rate", "1e30", "--output_dir", str(out), "--exp_name", "run", *extra]
+
+
 @pytest.mark.parametrize("precision", ["fp32", "amp_bf16", "bf16"])
 def test_non_finite_steps_are_skipped_counted_and_end_the_run(data, tmp_path, precision, capsys):
-    code = cli.main(["train", "--upstream_data_dir", str(data / "pool"), "--downstream_task_names",
-                     str(data / "tasks" / "digits"), "--model", "flyt-tiny", "--upstream_batch_size", "16",
-                     "--downstream_batch_size", "8", "--n_iterations", "12", "--workers", "0", "--warmup", "1",
-                     "--parquet_dir", str(data / "scores"), "--parquet_fields", "informative", "noise_a", "noise_b",
-                     "--scoring_learning_rate", "1e30", "--precision", precision, "--output_dir", str(tmp_path),
-                     "--exp_name", "run", "--log_every_n_steps", "1"])
+    code = cli.main(_blowing_up(data, tmp_path, "--precision", precision, "--log_every_n_steps", "1"))
     err = capsys.readouterr().err
     limit = MAX_SKIPPED_IN_A_ROW[False]
     assert code == 2
@@ -46,3 +49,23 @@ def test_non_finite_steps_are_skipped_counted_and_end_the_run(data, tmp_path, pr
     # the steps before the last one are logged (the last one raises): a count rising by one per step
     assert skipped[-(limit - 1):] == list(range(1, limit)) and set(skipped[:-(limit - 1)]) == {0}
     assert len(rows) < 12
+
+
+def test_a_run_resumed_in_a_streak_of_non_finite_steps_stops_where_the_whole_run_does(data, tmp_path, capsys):
+    """The streak's length is saved with the step. The whole run stops after five non-finite steps in a row;
+    its last checkpoint is epoch 2's (step 6, four of them in a row). Resumed from there, the same command
+    must stop at the same step, with the same line. Mutation caught: ``maybe_resume`` not restoring
+    ``skipped_in_a_row`` (the resumed run counts afresh: its line names steps four later)."""
+    import torch
+
+    argv = _blowing_up(data, tmp_path, "--num_checkpoints", "4", "--resume", "latest")
+
+    def error_line() -> str:
+        assert cli.main(argv) == 2
+        [line] = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
+        return line
+
+    whole = error_line()
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "scoring_epoch_latest.pt", weights_only=True)["flyt"]
+    assert (saved["step"], saved["skipped_in_a_row"], saved["skipped_steps"]) == (6, 4, 4)
+    assert error_line() == whole  # the same command, resuming from that checkpoint

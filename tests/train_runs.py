@@ -44,19 +44,29 @@ def train_args(data: Path, out: Path, mode: str) -> list[str]:
             "--output_dir", str(out), "--exp_name", "run", "--resume", "latest", *extra]
 
 
-def command(data: Path, out: Path, mode: str) -> list[str]:
-    return [sys.executable, "-m", "flyt.train_flyt", *train_args(data, out, mode)]
+# flyt refuses --precision amp without CUDA (fp16 autocast is for GPUs); these runs lift that check alone, so
+# that the loop's fp16 autocast and dynamic loss scale run here as on a GPU
+AMP_ON_CPU = ("import sys, flyt.train.loop as loop; check = loop.resolve_device; "
+              "loop.resolve_device = lambda name, precision: check(name, 'fp32' if precision == 'amp' else precision); "
+              "from flyt.train_flyt import main; sys.exit(main())")
+
+
+def command(data: Path, out: Path, mode: str, precision: str | None = None) -> list[str]:
+    """The run (with ``precision``: under that ``--precision``, amp included)."""
+    if precision is None:
+        return [sys.executable, "-m", "flyt.train_flyt", *train_args(data, out, mode)]
+    return [sys.executable, "-c", AMP_ON_CPU, *train_args(data, out, mode), "--precision", precision]
 
 
 def run(cmd: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=TIMEOUT_S)
 
 
-def uninterrupted(data: Path, out: Path, mode: str, keep: Path) -> Path:
+def uninterrupted(data: Path, out: Path, mode: str, keep: Path, precision: str | None = None) -> Path:
     """The run folder of an uninterrupted run, moved to ``keep`` (once: later calls find it there)."""
     if not keep.exists():
         shutil.rmtree(out / "run", ignore_errors=True)
-        done = run(command(data, out, mode))
+        done = run(command(data, out, mode, precision))
         assert done.returncode == 0, done.stderr[-2000:]
         (out / "run").rename(keep)
     return keep

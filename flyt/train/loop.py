@@ -149,6 +149,7 @@ class Trainer:
         meta = {"scorer": self.spec.to_dict(), "step": self.step, "config": dataclasses.asdict(self.cfg),
                 "loss_scale": dataclasses.asdict(self.loss_scale), "skipped_steps": self.skipped_steps,
                 "skipped_in_epochs": dict(self.skipped_in_epochs),
+                "skipped_in_a_row": self.skipped_in_a_row,  # a resumed run stops at the step the whole one would
                 "rng": torch.get_rng_state(), "probe_initial": self.probe.initial if self.probe else None,
                 "validation": self.validation.state() if self.validation else None,
                 "dls_optimizer": self.dls_opt.state_dict() if self.dls_opt is not None else None}
@@ -190,6 +191,7 @@ class Trainer:
         meta = scoring["flyt"]
         self.epoch, self.step, self.skipped_steps = scoring["epoch"], meta["step"], meta["skipped_steps"]
         self.skipped_in_epochs = Counter(meta.get("skipped_in_epochs", {}))
+        self.skipped_in_a_row = meta.get("skipped_in_a_row", 0)  # not in the checkpoints of earlier versions
         self.loss_scale = LossScale(**meta["loss_scale"])
         torch.set_rng_state(meta["rng"])
         self.probe = Probe(self._probe_batch(), meta.get("probe_initial"))
