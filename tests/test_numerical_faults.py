@@ -5,7 +5,8 @@ step has a non-finite loss or gradient: each is skipped (the weights stay as the
 line and in ``metrics.jsonl``'s ``skipped_steps``, and after ``MAX_SKIPPED_IN_A_ROW`` of them the run
 ends with one error line (exit 2) instead of spinning to ``--n_iterations``.
 Mutations checked: never raising (the run finishes 12 steps, exit 0); not counting skipped steps in the
-metrics (the ``skipped_steps`` column stays 0); resetting the count on a skipped step (never reaches 5).
+metrics (the ``skipped_steps`` column stays 0); resetting the count on a skipped step (never reaches 5); the messages numbering steps from 0 while
+the metrics log numbers them from 1.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def _blowing_up(data, out, *extra: str) -> list[str]:
 @pytest.mark.parametrize("precision", ["fp32", "amp_bf16", "bf16"])
 def test_non_finite_steps_are_skipped_counted_and_end_the_run(data, tmp_path, precision, capsys):
     code = cli.main(_blowing_up(data, tmp_path, "--precision", precision, "--log_every_n_steps", "1"))
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     limit = MAX_SKIPPED_IN_A_ROW[False]
     assert code == 2
     errors = [line for line in err.splitlines() if ": error: " in line]
@@ -49,6 +50,11 @@ def test_non_finite_steps_are_skipped_counted_and_end_the_run(data, tmp_path, pr
     # the steps before the last one are logged (the last one raises): a count rising by one per step
     assert skipped[-(limit - 1):] == list(range(1, limit)) and set(skipped[:-(limit - 1)]) == {0}
     assert len(rows) < 12
+    # the lines number steps as the metrics log does: the skipped ones, and the step that raised after them
+    first, last = rows[-(limit - 1)]["step"], rows[-1]["step"] + 1
+    assert f"steps {first}-{last}: all {limit}" in errors[0], errors[0]
+    assert [int(line.split()[1].rstrip(":")) for line in out.splitlines() if "step skipped" in line] == \
+        list(range(first, last + 1))
 
 
 def test_a_run_resumed_in_a_streak_of_non_finite_steps_stops_where_the_whole_run_does(data, tmp_path, capsys):

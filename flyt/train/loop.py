@@ -273,12 +273,13 @@ class Trainer:
             self.opt_state = result.opt_state
         else:
             self.skipped_steps += 1
-            progress.write(f"step {self.step}: non-finite gradients at loss scale {self.loss_scale.scale:g}: step skipped")
+            progress.write(f"step {self.step + 1}: non-finite gradients at loss scale {self.loss_scale.scale:g}: "
+                           "step skipped")  # numbered from 1, as the metrics log does
         self.skipped_in_a_row = 0 if result.finite else self.skipped_in_a_row + 1
         limit = MAX_SKIPPED_IN_A_ROW[self.loss_scale.dynamic]
         if self.skipped_in_a_row >= limit:
             raise FlytError(
-                f"steps {self.step - limit + 1}-{self.step}: all {limit} had a non-finite loss or gradient "
+                f"steps {self.step - limit + 2}-{self.step + 1}: all {limit} had a non-finite loss or gradient "
                 f"(--precision {self.cfg.precision}, loss scale {self.loss_scale.scale:g}), so the run stops here rather "
                 "than spin; lower --scoring_learning_rate/--reference_learning_rate or check the input scores"
                 + ("" if self.cfg.precision == "fp32" else ", or try --precision fp32"))
