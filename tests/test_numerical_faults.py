@@ -5,8 +5,8 @@ step has a non-finite loss or gradient: each is skipped (the weights stay as the
 line and in ``metrics.jsonl``'s ``skipped_steps``, and after ``MAX_SKIPPED_IN_A_ROW`` of them the run
 ends with one error line (exit 2) instead of spinning to ``--n_iterations``.
 Mutations checked: never raising (the run finishes 12 steps, exit 0); not counting skipped steps in the
-metrics (the ``skipped_steps`` column stays 0); resetting the count on a skipped step (never reaches 5); the messages numbering steps from 0 while
-the metrics log numbers them from 1.
+metrics (the ``skipped_steps`` column stays 0); resetting the count on a skipped step (never reaches 5);
+the messages numbering steps from 0 while the metrics log numbers them from 1.
 """
 
 from __future__ import annotations
