@@ -1,13 +1,14 @@
 """The pool-wide repeated-uid index of ``flyt score`` / ``flyt features`` (``flyt.jobs.repeats``): peak
-memory and time as the pool grows, with the bucket size fixed.
+memory and time as the pool grows, with the bucket size fixed, beside the index held in memory.
 
     python benchmarks/repeats.py --sizes 2000000 8000000 --bucket_rows 1048576
 
 For each size, writes a pool of metadata parquets (``--rows_per_shard`` uids each, 1% of them repeating
 a uid of an earlier shard, as in a resharded subset), then runs ``find_repeats`` in a child process, which
-reports its own peak RSS. The index holds a bucket at a time, so the peak should
-stay flat while the pool grows; the per-uid time projects the index to 12.8B uids. Checks that every
-planted repeat is found.
+reports its own peak RSS, and the baseline flyt had before: every uid of the pool in one pyarrow array,
+each row's first occurrence found with ``index_in``. The index holds a bucket at a time, so its peak
+should stay flat while the pool grows; the per-uid time projects it to 12.8B uids. Checks that both find
+every planted repeat.
 """
 
 from __future__ import annotations
@@ -24,6 +25,20 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 XLARGE = 12_800_000_000
+BASELINE = """
+import json, resource, sys, time
+import numpy as np, pyarrow as pa, pyarrow.compute as pc
+from flyt.data.pool import pool_shards, shard_ids
+shards = pool_shards(sys.argv[1])
+started = time.perf_counter()
+uids = [shard_ids(s)[0].cast(pa.large_string()) for s in shards]
+owners = np.concatenate([np.full(len(u), j) for j, u in enumerate(uids)])
+uids = pa.concat_arrays(uids)
+first = pc.index_in(uids, value_set=uids).to_numpy(zero_copy_only=False)
+taken = int((owners != owners[first]).sum())
+seconds = time.perf_counter() - started
+print(json.dumps({"seconds": seconds, "taken": taken, "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+"""
 CHILD = """
 import json, sys, time
 from pathlib import Path
@@ -77,17 +92,20 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/flyt_bench_repeats")
     args = parser.parse_args()
     root = Path(args.workdir)
-    print("| uids | shards | buckets | seconds | µs per uid | peak RSS (MiB) | repeats found / planted |")
+    print("| uids | shards | buckets | in memory: s / peak MiB | buckets: s / peak MiB | time ratio | memory ratio |")
     print("|---|---|---|---|---|---|---|")
     for size in args.sizes:
         shutil.rmtree(root, ignore_errors=True)
         planted = write_pool(root / "pool", size, args.rows_per_shard, args.repeat)
-        done = subprocess.run([sys.executable, "-c", CHILD, str(root / "pool"), str(root / "out"), str(args.bucket_rows)],
-                              capture_output=True, text=True, check=True, cwd=REPO)
-        result = json.loads(done.stdout.splitlines()[-1])
-        assert result["taken"] == planted, (result, planted)
-        print(f"| {size:,} | {size // args.rows_per_shard:,} | {result['buckets']} | {result['seconds']:.1f} | "
-              f"{1e6 * result['seconds'] / size:.2f} | {result['peak_kib'] / 1024:.0f} | {result['taken']:,} / {planted:,} |")
+        run = lambda code, *extra: json.loads(subprocess.run(
+            [sys.executable, "-c", code, str(root / "pool"), *extra], capture_output=True, text=True, check=True,
+            cwd=REPO).stdout.splitlines()[-1])
+        base = run(BASELINE)
+        result = run(CHILD, str(root / "out"), str(args.bucket_rows))
+        assert result["taken"] == base["taken"] == planted, (result, base, planted)
+        print(f"| {size:,} | {size // args.rows_per_shard:,} | {result['buckets']} | {base['seconds']:.1f} / "
+              f"{base['peak_kib'] / 1024:.0f} | {result['seconds']:.1f} / {result['peak_kib'] / 1024:.0f} | "
+              f"{result['seconds'] / base['seconds']:.2f} | {result['peak_kib'] / base['peak_kib']:.2f} |")
         per_uid = result["seconds"] / size
     print(f"projected for {XLARGE:,} uids on one process: {per_uid * XLARGE / 3600:.1f} h "
           f"(each pass's units split over nodes on Ray)")

@@ -86,11 +86,16 @@ def _edit_parquet(path: Path, edit: Callable[[pd.DataFrame], None]) -> None:
     table.to_parquet(path, index=False)
 
 
+def _truncate(tar: Path) -> None:
+    """Cut a shard in its middle, as a copy or download stopped short leaves it."""
+    data = tar.read_bytes()
+    tar.write_bytes(data[: len(data) // 2 + 100])
+
+
 def _inject_task(case: str, test: Path) -> None:
     first, second = test / "0.tar", test / "1.tar"
     if case == "task_truncated_tar":
-        data = second.read_bytes()
-        second.write_bytes(data[: len(data) // 2 + 100])
+        _truncate(second)
     elif case == "task_not_an_image":
         _rewrite_tar(first, _member("png", lambda n, d: (n, b"this is not an image")))
     elif case == "task_missing_label":
@@ -104,8 +109,7 @@ def _inject_task(case: str, test: Path) -> None:
 def _inject(case: str, root: Path, pool: Path, df: pd.DataFrame) -> None:
     first, second = pool / "00000000.tar", pool / "00000001.tar"
     if case == "truncated_tar":
-        data = second.read_bytes()
-        second.write_bytes(data[: len(data) // 2 + 100])
+        _truncate(second)
     elif case == "not_an_image":
         _rewrite_tar(first, _member("jpg", lambda n, d: (n, b"this is not an image")))
     elif case == "empty_caption":
