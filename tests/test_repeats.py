@@ -87,3 +87,20 @@ def test_a_failed_write_stops_with_the_unit_named(tmp_path, monkeypatch):
     monkeypatch.setattr(repeats, "write_run", full_disk)
     with pytest.raises(repeats.FlytError, match="finding repeated uids failed at 00000000: .*No space left"):
         repeats.find_repeats(pool, 0, tmp_path / "out", InProcess(1), "test")
+
+
+@settings(max_examples=60, deadline=None)
+@given(uids=st.lists(st.sampled_from(UIDS[:8]), max_size=20), taken=st.sets(st.sampled_from(UIDS[:8]), max_size=3))
+def test_first_copies_keeps_each_uid_once_unless_taken(uids, taken):
+    """A shard's rows that keep their uid: the first row of each, unless an earlier shard holds it.
+    Mutation caught: the all-distinct shortcut taken whenever the shard has rows (repeats kept)."""
+    import pyarrow as pa
+
+    from flyt.data.pool import first_copies
+
+    seen, expected = set(taken), []
+    for uid in uids:
+        expected.append(uid not in seen)
+        seen.add(uid)
+    got = first_copies(pa.array(uids, pa.string()), pa.array(sorted(taken), pa.string()) if taken else None)
+    assert got.tolist() == expected

@@ -103,7 +103,10 @@ def first_copies(uids, taken) -> object:
     import pyarrow.compute as pc
 
     strings = as_strings(uids if isinstance(uids, (pa.Array, pa.ChunkedArray)) else pa.array(uids, pa.string()))
-    keep = pc.index_in(strings, value_set=strings).to_numpy(zero_copy_only=False) == np.arange(len(strings))
+    if len(pc.unique(strings)) == len(strings):  # the common case, in a third of index_in's time
+        keep = np.ones(len(strings), bool)
+    else:
+        keep = pc.index_in(strings, value_set=strings).to_numpy(zero_copy_only=False) == np.arange(len(strings))
     if taken is not None and len(taken):
         keep &= ~pc.is_in(strings, value_set=taken.cast(strings.type)).to_numpy(zero_copy_only=False)
     return keep
