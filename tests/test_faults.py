@@ -175,3 +175,15 @@ def test_a_damaged_shard_keeps_exactly_the_samples_before_the_damage(world, tmp_
     junk.write_bytes(b"not a tar" * 100)
     with pytest.raises(FlytError, match=r"no shard can be read: cannot read .*junk\.tar"):
         list(tar_samples(itertools.repeat(str(junk), 100), on_damage=DamagedShards(Counter(), 1)))
+
+
+def test_a_damaged_shard_is_named_once_in_its_message(world):
+    """The reason comes without webdataset's ``@ <_io.BufferedReader name=...>`` suffix, which named the
+    shard a second time. Mutation caught: the suffix kept (the path appears twice)."""
+    from flyt.data.webdataset import tar_samples
+    from flyt.errors import FlytError
+
+    shard = world[0]["truncated_tar"] / "pool" / "00000001.tar"
+    with pytest.raises(FlytError) as caught:
+        list(tar_samples([str(shard)]))
+    assert str(caught.value) == f"cannot read {shard}: unexpected end of data"

@@ -42,7 +42,8 @@ def tar_samples(shards: Iterable[str | dict], on_damage: Callable[[str, str, int
                     read += 1
                     yield sample
         except Exception as exc:  # webdataset's errors do not name the shard in a readable way
-            message = f"cannot read {source['url']}: {exc.args[0] if exc.args else exc}"
+            reason = str(exc.args[0] if exc.args else exc).split(" @ <_io.")[0]  # webdataset appends the stream
+            message = f"cannot read {source['url']}: {reason}"
             if on_damage is None:
                 raise FlytError(message) from None
             on_damage(source["url"], message, read)
