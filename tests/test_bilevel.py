@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from flyt.method.bilevel import LOGIT_SCALE_BOUNDS, BilevelConfig, DownstreamBatch, flyt_step
+from flyt.method.bilevel import LOGIT_SCALE_BOUNDS, BilevelConfig, DownstreamBatch, flyt_step, downstream_losses, weighted_update
 from flyt.method.losses import clip_loss, weighted_clip_loss, zero_shot_loss
 from flyt.models.networks import MixingModel, ScoringModel
 from flyt.method.optim import AdamWState, adamw_update
@@ -239,3 +239,24 @@ def test_reference_stays_unless_updated_but_optimizer_state_advances(tiny_clip):
     assert not torch.equal(moved.params["visual.conv1.weight"], params["visual.conv1.weight"])
     assert kept.opt_state.step == moved.opt_state.step == state.step + 1
     assert 2.0 <= float(moved.params["logit_scale"]) <= math.log(100)
+
+
+@pytest.mark.parametrize("accum_freq", [1, 3])
+def test_validation_step_and_losses_are_the_direct_ones(tiny_clip, accum_freq):
+    """``weighted_update`` (held-out validation's first-order step) and ``downstream_losses`` against
+    theta' and the task losses written the obvious way, in float64. Mutations caught: the step's
+    logit-scale clamp skipped (theta' leaves the bounds at ln 100); the vjp giving every chunk the
+    first chunk's cotangents (accum_freq 3 only)."""
+    ref, params, state, scorer, up, tasks, dls = _setup(tiny_clip, "mflyt", True, logit_scale=math.log(100))
+    cfg = BilevelConfig(accum_freq=accum_freq)
+    with torch.no_grad():
+        log_w = torch.log_softmax(scorer(up), 0)
+    got = weighted_update(ref, params, state, LR, up, log_w, cfg)
+    want = _theta_prime(ref, params, state, scorer, up)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-12, atol=1e-15)
+    losses = downstream_losses(ref, want, tasks, dls.detach(), cfg)
+    direct = _task_losses(ref, want, tasks, dls.detach(), "zeroshot")
+    assert list(losses) == [f"downstream_loss/{t.name}" for t in tasks]
+    for value, expected in zip(losses.values(), direct):
+        assert abs(value - float(expected)) <= 1e-12 * abs(float(expected))

@@ -13,6 +13,7 @@ from flyt.demo import toydata
 from flyt.method.bilevel import DownstreamBatch
 from flyt.cli import build_parser
 from flyt.cli import main as cli
+from flyt.method.bilevel import BilevelConfig
 from flyt.train.validation import weighting_gain
 
 
@@ -56,7 +57,8 @@ def test_gain_is_positive_for_down_weighting_wrong_captions_and_zero_for_uniform
         # the downstream temperature of the README's flags (14.3): at the multiplier 1 that the step uses without
         # one, the held-out CLIP loss is nearly flat and every gain sits at rounding level
         dls = torch.tensor(2.65926)
-        return weighting_gain(t.reference, t.params, t.opt_state, 1e-5, up, scores, held_out, dls, "clip")["val/gain"]
+        return weighting_gain(t.reference, t.params, t.opt_state, 1e-5, up, scores, held_out, dls,
+                              BilevelConfig(downstream_loss="clip"))["val/gain"]
 
     oracle, anti = gain(torch.where(c, 0.0, -30.0)), gain(torch.where(c, -30.0, 0.0))
     assert oracle > 1e-4 and oracle > anti

@@ -267,6 +267,58 @@ def _downstream_grad(embeds, params: Tensors, dls: torch.Tensor | None, tasks: S
     return grads, dls_grad, losses
 
 
+@dataclass
+class _Inner:
+    """Steps 2-4: the weighted loss, this rank's dL_w/de, g, and theta' with AdamW's state and slope."""
+
+    loss_w: torch.Tensor
+    g_img: torch.Tensor
+    g_txt: torch.Tensor
+    grad: Tensors
+    params: Tensors
+    opt_state: AdamWState
+    slope: Tensors
+
+
+def _reference_step(up: _Encoded, params: Tensors, opt_state: AdamWState, lr: float, log_w: torch.Tensor,
+                    cfg: BilevelConfig, comm, create_graph: bool) -> _Inner:
+    """Steps 2-4 from the upstream embeddings: L_w on the gathered batch, dL_w/de (differentiable in w
+    with ``create_graph``, for step 7), g = dL_w/dtheta summed over ranks, theta' = AdamW(theta, g) with
+    the logit-scale clamp, and d theta'/dg, a diagonal (the map is elementwise)."""
+    local = comm.local_slice(sum(v[0].shape[0] for v in up.values))  # this rank's rows of the global batch
+    img = comm.gather(up.cat(0)).requires_grad_()
+    txt = comm.gather(up.cat(1)).requires_grad_()
+    log_tau = _wide(params["logit_scale"].detach()).requires_grad_()
+    with torch.enable_grad():
+        loss_w = weighted_clip_loss(img, txt, log_tau.exp(), log_w)
+        g_img, g_txt, g_tau = torch.autograd.grad(loss_w, (img, txt, log_tau), create_graph=create_graph)
+    g_img, g_txt = g_img[local], g_txt[local]
+    cot = list(zip(_split_like(g_img.detach(), up.values, 0), _split_like(g_txt.detach(), up.values, 1)))
+    grad = up.vjp(cot, cfg.loss_scale)
+    comm.all_reduce_sum(list(grad.values()))
+    grad["logit_scale"] = grad["logit_scale"] + g_tau.detach().to(grad["logit_scale"].dtype)
+    lo, hi = cfg.logit_scale_bounds
+    with torch.no_grad():
+        new_params, new_state, slope = adamw_update(params, grad, opt_state, lr, cfg.adamw)
+        new_params["logit_scale"] = new_params["logit_scale"].clamp(lo, hi)
+    return _Inner(loss_w, g_img, g_txt, grad, new_params, new_state, slope)
+
+
+def weighted_update(reference: nn.Module, params: Tensors, opt_state: AdamWState, lr: float, upstream: dict,
+                    log_w: torch.Tensor, cfg: BilevelConfig = BilevelConfig()) -> Tensors:
+    """theta' = AdamW(theta, grad L_w(theta; w)) for given weights, as steps 2-4 compute it but with no
+    graph kept in w: the reference step that held-out validation takes with learned and uniform weights."""
+    up = _upstream((_embedder(reference, cfg.precision), None), params, upstream, cfg)
+    return _reference_step(up, params, opt_state, lr, log_w, cfg, LocalComm(), create_graph=False).params
+
+
+def downstream_losses(reference: nn.Module, params: Tensors, tasks: Sequence[DownstreamBatch],
+                      dls: torch.Tensor | None, cfg: BilevelConfig = BilevelConfig()) -> dict[str, float]:
+    """Step 5's loss per task (``downstream_loss/<task>``) at ``params``, without gradients."""
+    return _downstream_grad((_embedder(reference, cfg.precision), None), params, dls, tasks, cfg, LocalComm(),
+                            want_grad=False)[2]
+
+
 def flyt_step(reference: nn.Module, params: Tensors, opt_state: AdamWState, lr: float, scorer: nn.Module,
               upstream: dict, tasks: Sequence[DownstreamBatch], dls: torch.Tensor | None = None,
               cfg: BilevelConfig = BilevelConfig(), comm=LocalComm()) -> StepResult:
@@ -280,26 +332,11 @@ def flyt_step(reference: nn.Module, params: Tensors, opt_state: AdamWState, lr: 
     global_scores = comm.gather_autograd(scores)
     log_w = torch.log_softmax(global_scores, dim=0)
 
-    # 2-3. upstream embeddings, dL_w/de (kept differentiable in w for step 7), and g
+    # 2-4. upstream embeddings, dL_w/de (kept differentiable in w for step 7), g, theta' = AdamW(theta, g)
     up = _upstream(embeds, params, upstream, cfg)
-    n_local = upstream["image"].shape[0]
-    local = comm.local_slice(n_local)
-    img = comm.gather(up.cat(0)).requires_grad_()
-    txt = comm.gather(up.cat(1)).requires_grad_()
-    log_tau = _wide(params["logit_scale"].detach()).requires_grad_()
-    with torch.enable_grad():
-        loss_w = weighted_clip_loss(img, txt, log_tau.exp(), log_w)
-        g_img, g_txt, g_tau = torch.autograd.grad(loss_w, (img, txt, log_tau), create_graph=True)
-    cot = list(zip(_split_like(g_img[local].detach(), up.values, 0), _split_like(g_txt[local].detach(), up.values, 1)))
-    grad = up.vjp(cot, cfg.loss_scale)
-    comm.all_reduce_sum(list(grad.values()))
-    grad["logit_scale"] = grad["logit_scale"] + g_tau.detach().to(grad["logit_scale"].dtype)
-
-    # 4. theta' = AdamW(theta, g) and d theta'/dg, a diagonal (the map is elementwise)
-    lo, hi = cfg.logit_scale_bounds
-    with torch.no_grad():
-        new_params, new_state, slope = adamw_update(params, grad, opt_state, lr, cfg.adamw)
-        new_params["logit_scale"] = new_params["logit_scale"].clamp(lo, hi)
+    inner = _reference_step(up, params, opt_state, lr, log_w, cfg, comm, create_graph=True)
+    loss_w, g_img, g_txt, grad = inner.loss_w, inner.g_img, inner.g_txt, inner.grad
+    new_params, new_state, slope = inner.params, inner.opt_state, inner.slope
 
     # 5. downstream loss at theta' and its gradient
     down_grad, dls_grad, metrics = _downstream_grad(embeds, new_params, dls, tasks, cfg, comm)
@@ -319,7 +356,7 @@ def flyt_step(reference: nn.Module, params: Tensors, opt_state: AdamWState, lr: 
     comm.all_reduce_sum([bad])  # every rank skips together (g and dL_down/dtheta' are already summed)
     finite = bool(bad == 0) and all(torch.isfinite(t).all() for t in (*down_grad.values(), *grad.values()))
     with torch.enable_grad():
-        h = (u_img * g_img[local]).sum() + (u_txt * g_txt[local]).sum()
+        h = (u_img * g_img).sum() + (u_txt * g_txt).sum()
         # 8. grad_phi through softmax and q_phi
         trainable = [p for p in scorer.parameters() if p.requires_grad]
         if finite:

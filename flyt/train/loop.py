@@ -225,8 +225,8 @@ class Trainer:
                     for b in self.validation.batches(self.preprocess, self.tokenizer)]
         lr = cosine_lr(cfg.reference_learning_rate, cfg.warmup, cfg.n_iterations, max(self.step - 1, 0))  # the step's
         metrics = weighting_gain(self.reference, self.params, self.opt_state, lr, self._to_device(bundle)[0],
-                                 self._scores(bundle["upstream"]), held_out, self.dls, self.bilevel.downstream_loss,
-                                 cfg.accum_freq, self.bilevel.adamw)
+                                 self._scores(bundle["upstream"]), held_out, self.dls,
+                                 dataclasses.replace(self.bilevel, loss_scale=self.loss_scale.scale))
         if self.validation.record(metrics["val/gain"], self.step) and cfg.keep_best:
             checkpoint.save_best(self.ckpt_dir, self._payloads()[0])
         return dict(metrics, step=self.step)

@@ -2,9 +2,10 @@
 
 From the current reference state, one reference step on an upstream batch with the scorer's softmax
 weights and one with uniform weights (same batch, same AdamW state, same lr); the gain is the downstream
-loss after the uniform step minus that after the learned one, on task samples training never sees. First
-order only (plain gradients, no derivative through the step): it costs two reference backward passes
-and four forwards of the validation batches, on validation steps alone.
+loss after the uniform step minus that after the learned one, on task samples training never sees. The
+steps and losses are the FLYT step's own (``flyt.method.bilevel``), first order only (no derivative
+through the step): two reference backward passes and four forwards of the validation batches, on
+validation steps alone.
 """
 
 from __future__ import annotations
@@ -16,85 +17,32 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from torch.func import functional_call
 
-from flyt.method.bilevel import LOGIT_SCALE_BOUNDS, DownstreamBatch
+from flyt.method.bilevel import BilevelConfig, DownstreamBatch, downstream_losses, weighted_update
 from flyt.data.shards import list_shards
 from flyt.streams.train import StreamConfig, TrainStream, held_out
 from flyt.data.tasks import Task
 from flyt.errors import FlytError
-from flyt.method.losses import clip_loss, weighted_clip_loss, zero_shot_loss
-from flyt.method.optim import AdamWConfig, AdamWState, Tensors, adamw_update
+from flyt.method.optim import AdamWState, Tensors
 
 
-def _embed(reference, params: Tensors, **inputs) -> list[torch.Tensor]:
-    out = functional_call(reference, params, (), inputs)
-    return [o.float() for o in out[:2] if o is not None]
-
-
-def stepped(reference, params: Tensors, opt_state: AdamWState, lr: float, upstream: dict, log_w: torch.Tensor,
-            chunks: int = 1, adamw: AdamWConfig = AdamWConfig()) -> Tensors:
-    """theta' = AdamW(theta, grad L_w(theta; w)) with the logit-scale clamp of the FLYT step.
-
-    The gradient goes through the embeddings: the loss's gradient in them over the whole batch first,
-    then one backward through the model per chunk (``chunks`` = --accum_freq bounds the memory)."""
-    with torch.no_grad():
-        pieces = [(x, t) for x, t in zip(torch.tensor_split(upstream["image"], chunks),
-                                         torch.tensor_split(upstream["text"], chunks))]
-        img, txt = (torch.cat(e) for e in zip(*[_embed(reference, params, image=x, text=t) for x, t in pieces]))
-    img, txt = img.requires_grad_(), txt.requires_grad_()
-    log_tau = params["logit_scale"].detach().float().requires_grad_()
-    with torch.enable_grad():
-        loss = weighted_clip_loss(img, txt, log_tau.exp(), log_w)
-        g_img, g_txt, g_tau = torch.autograd.grad(loss, (img, txt, log_tau))
-    grads = {k: torch.zeros_like(v) for k, v in params.items()}
-    lo = 0
-    for x, t in pieces:
-        leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
-        sl = slice(lo, lo + x.shape[0])
-        lo += x.shape[0]
-        with torch.enable_grad():
-            e_img, e_txt = _embed(reference, leaves, image=x, text=t)
-            inner = (e_img * g_img[sl]).sum() + (e_txt * g_txt[sl]).sum()
-            for k, g in zip(leaves, torch.autograd.grad(inner, list(leaves.values()), allow_unused=True)):
-                if g is not None:
-                    grads[k] += g
-    grads["logit_scale"] = grads["logit_scale"] + g_tau.to(grads["logit_scale"].dtype)
-    with torch.no_grad():
-        new = adamw_update(params, grads, opt_state, lr, adamw)[0]
-        new["logit_scale"] = new["logit_scale"].clamp(*LOGIT_SCALE_BOUNDS)
-    return new
-
-
-@torch.no_grad()
 def downstream_loss(reference, params: Tensors, batches: Sequence[Sequence[DownstreamBatch]],
-                    dls: torch.Tensor | None, kind: str) -> float:
-    """Mean over batches of the task-weighted downstream loss, as the FLYT step measures it."""
+                    dls: torch.Tensor | None, cfg: BilevelConfig) -> float:
+    """Mean over batches of the task-weighted downstream loss, as the FLYT step measures it (step 5)."""
     total = 0.0
     for tasks in batches:
-        weight = sum(t.weight for t in tasks)
-        for t in tasks:
-            # the step's multiplier: the learned downstream temperature, else exactly 1 (as the original)
-            scale = dls.float().exp() if dls is not None else torch.ones((), device=t.images.device)
-            if kind == "zeroshot":
-                (img,), (cls,) = _embed(reference, params, image=t.images), _embed(reference, params, text=t.prompts)
-                loss = zero_shot_loss(img, cls, t.labels, scale)
-            else:
-                img, txt = _embed(reference, params, image=t.images, text=t.texts)
-                loss = clip_loss(img, txt, scale)
-            total += float(loss) * t.weight / weight
+        losses = downstream_losses(reference, params, tasks, dls, cfg)
+        total += sum(losses[f"downstream_loss/{t.name}"] * t.weight for t in tasks) / sum(t.weight for t in tasks)
     return total / len(batches)
 
 
 def weighting_gain(reference, params: Tensors, opt_state: AdamWState, lr: float, upstream: dict,
-                   scores: torch.Tensor, batches, dls: torch.Tensor | None, kind: str, chunks: int = 1,
-                   adamw: AdamWConfig = AdamWConfig()) -> dict:
+                   scores: torch.Tensor, batches, dls: torch.Tensor | None, cfg: BilevelConfig = BilevelConfig()) -> dict:
     """Downstream loss after a uniform step minus that after the ``softmax(scores)`` step (> 0: the filter helps)."""
     log_w = torch.log_softmax(scores.detach().float(), dim=0)
     uniform = torch.full_like(log_w, -math.log(log_w.numel()))
     learned_loss, uniform_loss = (
-        downstream_loss(reference, stepped(reference, params, opt_state, lr, upstream, w, chunks, adamw), batches, dls,
-                        kind)
+        downstream_loss(reference, weighted_update(reference, params, opt_state, lr, upstream, w, cfg), batches, dls, cfg)
         for w in (log_w, uniform))
     return {"val/gain": uniform_loss - learned_loss, "val/loss_learned": learned_loss, "val/loss_uniform": uniform_loss}
 
