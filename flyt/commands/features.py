@@ -161,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
     from flyt.jobs.features import FeaturesJob, claim_columns
     from flyt.runner.engines import make_executor
     from flyt.atomic import sweep_temporaries
-    from flyt.jobs.repeats import clean_repeats, find_repeats
+    from flyt.jobs.repeats import clean_repeats, pending_repeats
     from flyt.runner.job import job_split, missing_units, run_job
 
     part, parts = job_split(args.shard_index, args.num_shards)
@@ -172,8 +172,7 @@ def run(args: argparse.Namespace) -> int:
     claim_columns(s.output, s.definitions())
     job = FeaturesJob(s)
     executor = make_executor(args, 1)
-    pending = [j for j, unit in enumerate(job.units()) if j % parts == part and not job.done(unit)]
-    s.repeats = find_repeats(s.shards, max(pending, default=-1), s.output, executor, "flyt features")
+    s.repeats = pending_repeats(job, s.shards, part, parts, s.output, executor)
     report = run_job(job, executor, part, parts)
     if not missing_units(job):
         clean_repeats(s.output)

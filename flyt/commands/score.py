@@ -42,7 +42,7 @@ from pathlib import Path
 from flyt.data.pool import pool_shards
 from flyt.data.score_files import Output, merge, read_stats
 from flyt.errors import FlytError, remote_hint
-from flyt.jobs.repeats import clean_repeats
+from flyt.jobs.repeats import clean_repeats, pending_repeats
 from flyt.jobs.score import ScoreJob
 from flyt.runner.engines import add_engine_arguments, make_executor
 from flyt.atomic import sweep_temporaries
@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
     job.title = f"flyt score ({mode})"
     mine = share(shards, part, parts)  # the shards run_job gives this part
     output.parts.mkdir(parents=True, exist_ok=True)
-    job.find_repeats([s for s in mine if not output.part(s).exists()], executor)
+    job.repeats = pending_repeats(job, shards, part, parts, output.parts, executor)
     report = run_job(job, executor, part, parts)
     for name, stats in report.done.items():  # a shard finished just before its Ray worker was lost
         if not stats:

@@ -21,7 +21,11 @@ from flyt.data.subset import sort_order
 
 def write_run(path: str | os.PathLike, rows: np.ndarray) -> None:
     """``rows`` (with fields f0, f1) sorted by uid, saved atomically as a run."""
-    rows = rows[sort_order(rows)] if len(rows) > 1 else rows
+    save_array(path, rows[sort_order(rows)] if len(rows) > 1 else rows)
+
+
+def save_array(path: str | os.PathLike, rows: np.ndarray) -> None:
+    """``rows`` saved atomically as a ``.npy`` file, in the order given."""
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         np.save(handle, rows)
 

@@ -20,12 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from flyt.atomic import atomic_path
 from flyt.data.pool import Shard, shard_ids
-from flyt.data.runs import read_range, run_length, write_run
+from flyt.data.runs import read_range, run_length, save_array, write_run
 from flyt.data.subset import UID_DTYPE, array_to_uids, sort_order, uids_to_array
 from flyt.errors import FlytError
-from flyt.runner.job import Job, Unit, run_job
+from flyt.runner.job import Job, Unit, missing_units, run_job, share
 
 BUCKET_ROWS = 1 << 24  # uids per bucket, on average: a bucket's sort takes ~0.5 GB
 WORK = "_repeats"
@@ -54,7 +53,7 @@ class ShardIds(Job):
             return {"unreadable": 1}
         uids = uids[sort_order(uids)]
         distinct = np.ones(len(uids), bool)
-        distinct[1:] = (uids["f0"][1:] != uids["f0"][:-1]) | (uids["f1"][1:] != uids["f1"][:-1])
+        distinct[1:] = uids[1:] != uids[:-1]
         write_run(self.outputs(unit)[0], uids[distinct])
         return {}
 
@@ -85,12 +84,10 @@ class Buckets(Job):
         order = sort_order(rows)  # stable: a uid's rows stay in shard order, the first is its owner's
         rows, owner = rows[order], owner[order]
         later = np.zeros(len(rows), bool)
-        later[1:] = (rows["f0"][1:] == rows["f0"][:-1]) & (rows["f1"][1:] == rows["f1"][:-1])
+        later[1:] = rows[1:] == rows[:-1]
         taken = np.empty(int(later.sum()), TAKEN)
         taken["shard"], taken["f0"], taken["f1"] = owner[later], rows["f0"][later], rows["f1"][later]
-        taken = taken[np.lexsort((taken["f1"], taken["f0"], taken["shard"]))]
-        with atomic_path(self.outputs(unit)[0]) as tmp, open(tmp, "wb") as handle:
-            np.save(handle, taken)
+        save_array(self.outputs(unit)[0], taken[np.argsort(taken["shard"], kind="stable")])  # by shard, then uid
         return {}
 
 
@@ -139,6 +136,13 @@ def find_repeats(shards: list[Shard], upto: int, root: Path, executor, title: st
     buckets = Buckets(runs, bits, work / f"buckets-{digest}", title)
     _stop_on_failure(run_job(buckets, executor), title)
     return Repeats({shard.name: j for j, shard in enumerate(shards)}, buckets.folder, 1 << bits)
+
+
+def pending_repeats(job: Job, shards: list[Shard], part: int, parts: int, root: Path, executor) -> Repeats:
+    """The repeats that this part's pending units of ``job`` (one per shard, named as the shard) need."""
+    pending = {unit.name for unit in missing_units(job, share(job.units(), part, parts))}
+    last = max((j for j, shard in enumerate(shards) if shard.name in pending), default=-1)
+    return find_repeats(shards, last, root, executor, job.title)
 
 
 def _stop_on_failure(report, title: str) -> None:

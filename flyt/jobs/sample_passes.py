@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from flyt.atomic import atomic_path
-from flyt.data.runs import merge_runs, run_length, write_run
+from flyt.data.runs import merge_runs, run_length, save_array, write_run
 from flyt.data.score_table import read_batches, repeated_uid
 from flyt.data.subset import UID_DTYPE as UID
 from flyt.data.subset import SubsetWriter, counts_table
@@ -80,7 +80,7 @@ class Scan(_Pass):
         uids_out, stats_out = self.outputs(unit)
         write_run(uids_out, np.concatenate(parts) if parts else np.empty(0, UID))
         stats = np.concatenate([[rows, top, bottom], *sampled])
-        _save(stats_out, stats)
+        save_array(stats_out, stats)
         return {"samples": rows}
 
 
@@ -97,7 +97,7 @@ class Histogram(_Pass):
         for uids, scores in self.batches(unit):
             rows += len(uids)
             keys_upto(self.spec, uids, scores, self.spec["hi"], sink)
-        _save(self.outputs(unit)[0], counts)
+        save_array(self.outputs(unit)[0], counts)
         return {"samples": rows, "keys": int(counts.sum())}
 
 
@@ -131,8 +131,8 @@ class Collect(_Pass):
         drawn_out, bin_out, sampled_out = self.outputs(unit)
         drawn = np.concatenate(drawn or [np.empty(0, DRAWN)])
         write_run(drawn_out, drawn)
-        _save(bin_out, np.concatenate(in_bin or [np.empty(0, IN_BIN)]))
-        _save(sampled_out, np.concatenate(sampled or [np.empty(0, SAMPLED)]))
+        save_array(bin_out, np.concatenate(in_bin or [np.empty(0, IN_BIN)]))
+        save_array(sampled_out, np.concatenate(sampled or [np.empty(0, SAMPLED)]))
         return {"samples": int(sum(len(part) for part in sampled)), "drawn": int(drawn["count"].sum())}
 
 
@@ -159,11 +159,6 @@ def _rows(dtype: np.dtype, uids: np.ndarray, **fields) -> np.ndarray:
     for name, values in fields.items():
         out[name] = values
     return out
-
-
-def _save(path: Path, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        np.save(handle, array)
 
 
 class OutOfCore:

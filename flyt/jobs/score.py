@@ -15,7 +15,7 @@ from pathlib import Path
 from flyt.data.pool import Shard
 from flyt.data.score_files import Output
 from flyt.errors import FlytError
-from flyt.jobs.repeats import Repeats, find_repeats
+from flyt.jobs.repeats import Repeats
 from flyt.runner.job import Job, Unit
 
 
@@ -30,7 +30,7 @@ class ScoreJob(Job):
         self.batch_size, self.workers, self.device, self.precision = batch_size, workers, device, precision
         self.mode, self.mixer = None, None  # set by ``check``: the checkpoint's mode, M-FLYT's (fields, weight, bias)
         self.num_gpus = 0  # set by the command: GPUs per Ray actor
-        self.repeats = Repeats({}, None, 0)  # set by ``find_repeats``
+        self.repeats = Repeats({}, None, 0)  # set by the command (``flyt.jobs.repeats.pending_repeats``)
         self._state = None
 
     def __getstate__(self) -> dict:
@@ -39,12 +39,6 @@ class ScoreJob(Job):
         return {**self.__dict__, "_state": None, "shards": []}
 
     # ------------------------------------------------------------------------------------------ the job
-
-    def find_repeats(self, pending: list[Shard], executor) -> None:
-        """The uids an earlier shard holds, for the shards up to the last pending one, in the output folder."""
-        position = {shard.name: j for j, shard in enumerate(self.shards)}
-        last = max((position[shard.name] for shard in pending), default=-1)
-        self.repeats = find_repeats(self.shards, last, self.output.parts, executor, self.title)
 
     def units(self) -> list[Unit]:
         return [Unit(shard.name, shard) for shard in self.shards]

@@ -335,11 +335,9 @@ def flyt_step(reference: nn.Module, params: Tensors, opt_state: AdamWState, lr: 
     # 2-4. upstream embeddings, dL_w/de (kept differentiable in w for step 7), g, theta' = AdamW(theta, g)
     up = _upstream(embeds, params, upstream, cfg)
     inner = _reference_step(up, params, opt_state, lr, log_w, cfg, comm, create_graph=True)
-    loss_w, g_img, g_txt, grad = inner.loss_w, inner.g_img, inner.g_txt, inner.grad
-    new_params, new_state, slope = inner.params, inner.opt_state, inner.slope
 
     # 5. downstream loss at theta' and its gradient
-    down_grad, dls_grad, metrics = _downstream_grad(embeds, new_params, dls, tasks, cfg, comm)
+    down_grad, dls_grad, metrics = _downstream_grad(embeds, inner.params, dls, tasks, cfg, comm)
     if cfg.log_pre_update:
         before = _downstream_grad(embeds, params, dls, tasks, cfg, comm, want_grad=False)[2]
         metrics.update({k.replace("downstream_loss", "pre_update_loss"): v for k, v in before.items()})
@@ -347,16 +345,16 @@ def flyt_step(reference: nn.Module, params: Tensors, opt_state: AdamWState, lr: 
     # 6. v = dL_down/dg through the AdamW map. The downstream temperature is exp(dls) or 1, never the
     # reference's logit scale, so v["logit_scale"] = 0: the clamp's slope and the logit scale's part of
     # <v, grad L_w> drop out (g's logit-scale entry still moves theta', step 4)
-    v = {k: slope[k].mul_(down_grad[k]) for k in slope}
+    v = {k: inner.slope[k].mul_(down_grad[k]) for k in inner.slope}
 
     # 7. u = J_e v (forward mode), then h = <u, dL_w/de>, whose gradient in w is dL_down/dw
     u = up.jvp(v, tf32=cfg.precision != "fp32")
     u_img, u_txt = torch.cat([x[0] for x in u]), torch.cat([x[1] for x in u])
     bad = torch.tensor([0.0 if all(torch.isfinite(t).all() for t in (u_img, u_txt)) else 1.0], device=u_img.device)
     comm.all_reduce_sum([bad])  # every rank skips together (g and dL_down/dtheta' are already summed)
-    finite = bool(bad == 0) and all(torch.isfinite(t).all() for t in (*down_grad.values(), *grad.values()))
+    finite = bool(bad == 0) and all(torch.isfinite(t).all() for t in (*down_grad.values(), *inner.grad.values()))
     with torch.enable_grad():
-        h = (u_img * g_img).sum() + (u_txt * g_txt).sum()
+        h = (u_img * inner.g_img).sum() + (u_txt * inner.g_txt).sum()
         # 8. grad_phi through softmax and q_phi
         trainable = [p for p in scorer.parameters() if p.requires_grad]
         if finite:
@@ -371,8 +369,9 @@ def flyt_step(reference: nn.Module, params: Tensors, opt_state: AdamWState, lr: 
             dls.grad = dls_grad if dls.grad is None else dls.grad + dls_grad
 
     # 9. the reference moves to theta' only when asked; the optimizer state always advances
-    next_params = new_params if cfg.update_reference else params
-    metrics.update({"weighted_loss": float(loss_w.detach()), "logit_scale": float(new_params["logit_scale"].exp())})
+    next_params = inner.params if cfg.update_reference else params
+    metrics.update({"weighted_loss": float(inner.loss_w.detach()),
+                    "logit_scale": float(inner.params["logit_scale"].exp())})
     if not finite:
         return StepResult(params, opt_state, False, metrics, global_scores.detach())
-    return StepResult(next_params, new_state, True, metrics, global_scores.detach())
+    return StepResult(next_params, inner.opt_state, True, metrics, global_scores.detach())
