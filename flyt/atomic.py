@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import BinaryIO, Iterable, Iterator
 
 from flyt.errors import FlytError, StorageError
 
@@ -38,6 +38,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """``atomic_path`` with its temporary open for writing, for a library that writes into a file object
+    (pyarrow, numpy, torch). The file is this one's to close, so a write that fails (a full disk) cannot
+    leave it open in a writer kept alive by the error; and torch's and numpy's own writers say only
+    "iostream error" or "N requested and M written", while through a Python file the OSError is raised,
+    which ``atomic_path`` names."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        yield handle
 
 
 def check_writable(path: str | os.PathLike) -> None:

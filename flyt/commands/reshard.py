@@ -41,7 +41,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from flyt import __version__
-from flyt.atomic import atomic_path, sweep_folder
+from flyt.atomic import atomic_file, atomic_path, sweep_folder
 from flyt.data.webdataset import member_name
 from flyt.data.shards import list_shards
 from flyt.errors import FlytError
@@ -308,7 +308,7 @@ def _scan_shard(task: tuple[str, str, bool]) -> int:
     found = np.array(rows, dtype=INDEX_DTYPE)
     found, duplicates = _first_occurrences(found[_isin(found["uid"], keys)])
     stats = np.array([samples, no_uid, duplicates, int(skipped)], dtype=np.int64)
-    with atomic_path(index_path) as tmp, open(tmp, "wb") as handle:
+    with atomic_file(index_path) as handle:
         np.savez(handle, index=found, stats=stats)
     return samples
 
@@ -398,8 +398,8 @@ def _write_output_shard(j: int) -> int:
             handle.close()
     with atomic_path(stats_path) as tmp:
         tmp.write_text(json.dumps(shard_stats(len(keys), started, time.time()), indent=4))
-    with atomic_path(parquet_path) as tmp:  # like img2dataset's: the json's key, which names the pool sample
-        pq.write_table(pa.table({"uid": uids, "key": pool_keys}), tmp)
+    with atomic_file(parquet_path) as f:  # like img2dataset's: the json's key, which names the pool sample
+        pq.write_table(pa.table({"uid": uids, "key": pool_keys}), f)
     return len(keys)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flyt.atomic import atomic_path, sweep_temporaries
+from flyt.atomic import atomic_file, atomic_path, sweep_temporaries
 from flyt.data.score_table import read_scores, score_files
 from flyt.data.subset import counts_table, save_subset
 from flyt.errors import FlytError
@@ -241,8 +241,8 @@ def _check_flags(args: argparse.Namespace) -> dict:
 def _write_counts(path: str, uids: np.ndarray, counts: np.ndarray) -> None:
     import pyarrow.parquet as pq
 
-    with atomic_path(path) as tmp:
-        pq.write_table(counts_table(uids, counts), tmp)
+    with atomic_file(path) as f:
+        pq.write_table(counts_table(uids, counts), f)
 
 
 def _describe(method: str, params: dict, seed: int | None) -> str:

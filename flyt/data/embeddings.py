@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flyt.atomic import atomic_path
+from flyt.atomic import atomic_file, atomic_path
 from flyt.errors import FlytError
 
 INDEX = "_embeddings.json"
@@ -69,10 +69,10 @@ def write_shard(root: Path, shard: str, rows: dict, embeddings: dict[str, tuple]
         array = np.asarray(array, np.float16)
         if len(array) != n:
             raise ValueError(f"{path.name}: {len(array)} embeddings for {n} rows")
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        with atomic_file(path) as f:
             np.save(f, array)
-    with atomic_path(paths[0]) as tmp:
-        pq.write_table(table.replace_schema_metadata({META_KEY: json.dumps(stats).encode()}), tmp)
+    with atomic_file(paths[0]) as f:
+        pq.write_table(table.replace_schema_metadata({META_KEY: json.dumps(stats).encode()}), f)
 
 
 def read_shard(root: Path, shard: str, labels: list[str]) -> tuple[dict, dict[str, tuple], dict]:

@@ -15,7 +15,7 @@ from typing import Iterator
 
 import numpy as np
 
-from flyt.atomic import atomic_path
+from flyt.atomic import atomic_file
 from flyt.data.subset import sort_order
 
 
@@ -26,7 +26,7 @@ def write_run(path: str | os.PathLike, rows: np.ndarray) -> None:
 
 def save_array(path: str | os.PathLike, rows: np.ndarray) -> None:
     """``rows`` saved atomically as a ``.npy`` file, in the order given."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+    with atomic_file(path) as handle:
         np.save(handle, rows)
 
 

@@ -45,7 +45,7 @@ def write_shard(path: Path, uids, keys, scores, stats: dict) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from flyt.atomic import atomic_path
+    from flyt.atomic import atomic_file
 
     def strings(values):
         return values.cast(pa.string()) if isinstance(values, pa.Array) else pa.array(values, pa.string())
@@ -53,8 +53,8 @@ def write_shard(path: Path, uids, keys, scores, stats: dict) -> None:
     table = pa.table({"uid": strings(uids), "score": pa.array(np.asarray(scores, dtype=np.float32), pa.float32()),
                       "key": strings(keys)})
     table = table.replace_schema_metadata({META_KEY: json.dumps(stats).encode()})
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, **WRITE_OPTIONS)
+    with atomic_file(path) as f:
+        pq.write_table(table, f, **WRITE_OPTIONS)
 
 
 def read_stats(path: Path) -> dict | None:

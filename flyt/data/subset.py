@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from flyt.atomic import atomic_path
+from flyt.atomic import atomic_file, atomic_path
 from flyt.errors import FlytError
 
 UID_DTYPE = np.dtype("u8,u8")
@@ -201,8 +201,7 @@ def save_subset(path: str | os.PathLike, uids, counts=None) -> int:
         order = sort_order(arr)
         arr, counts = arr[order], counts[order]
     rows = np.repeat(arr, counts)
-    # np.save appends ".npy" to a bare path, so write through a handle to keep the exact name
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+    with atomic_file(path) as handle:  # np.save appends ".npy" to a bare path: a handle keeps the exact name
         np.save(handle, rows)
     return len(rows)
 

@@ -387,7 +387,7 @@ class FeaturesJob(Job):
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from flyt.atomic import atomic_path
+        from flyt.atomic import atomic_file
 
         def pick(seq):
             return [v for v, k in zip(seq, keep) if k]
@@ -397,5 +397,5 @@ class FeaturesJob(Job):
             dtype = pa.float64() if c.score == "meta" else pa.float32()
             columns[c.name] = pa.array(values[c.name][keep], dtype)
         table = pa.table(columns).replace_schema_metadata({b"flyt_features": json.dumps(stats).encode()})
-        with atomic_path(self.s.output / f"{shard.name}_scores.parquet") as tmp:
-            pq.write_table(table, tmp, **WRITE_OPTIONS)
+        with atomic_file(self.s.output / f"{shard.name}_scores.parquet") as f:
+            pq.write_table(table, f, **WRITE_OPTIONS)

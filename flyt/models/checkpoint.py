@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from flyt.atomic import atomic_path
+from flyt.atomic import atomic_file
 from flyt.errors import FlytError, remote_hint
 from flyt.models.networks import ScorerSpec, build_scorer
 
@@ -35,36 +35,29 @@ def save(ckpt_dir: Path, epoch: int, scoring: dict, reference: dict, numbered: b
     with contextlib.ExitStack() as renames:  # exits in reverse: the reference files are renamed first
         for pattern, payload in ((SCORING, scoring), (REFERENCE, reference)):
             for name in names:
-                _write(payload, renames.enter_context(atomic_path(ckpt_dir / pattern.format(name))))
+                torch.save(payload, renames.enter_context(atomic_file(ckpt_dir / pattern.format(name))))
     (ckpt_dir / PREEMPTED).unlink(missing_ok=True)
 
 
 def save_preempted(ckpt_dir: Path, scoring: dict, reference: dict) -> Path:
     """``preempted.pt``: both payloads of a step in mid-epoch, one atomic file."""
-    with atomic_path(ckpt_dir / PREEMPTED) as tmp:
-        _write({"scoring": scoring, "reference": reference}, tmp)
+    with atomic_file(ckpt_dir / PREEMPTED) as f:
+        torch.save({"scoring": scoring, "reference": reference}, f)
     return ckpt_dir / PREEMPTED
 
 
 def save_best(ckpt_dir: Path, scoring: dict) -> Path:
     """``scoring_best.pt``: the scoring checkpoint of the best validation gain (``--keep_best``)."""
-    with atomic_path(ckpt_dir / BEST) as tmp:
-        _write(scoring, tmp)
+    with atomic_file(ckpt_dir / BEST) as f:
+        torch.save(scoring, f)
     return ckpt_dir / BEST
 
 
 def save_clip(path: Path, model, optimizer, step: int, name: str) -> None:
     """A plain CLIP checkpoint in OpenCLIP's layout (``state_dict`` key), loadable by ``create_model``."""
-    with atomic_path(path) as tmp:
-        _write({"epoch": step, "name": name, "state_dict": model.state_dict(),
-                "optimizer": optimizer.state_dict()}, tmp)
-
-
-def _write(payload: dict, path: Path) -> None:
-    """``torch.save`` through a Python file: torch's own writer says only "iostream error" on a full disk,
-    while with a Python file its error is raised over the file's OSError, which ``atomic_path`` names."""
-    with open(path, "wb") as f:
-        torch.save(payload, f)
+    with atomic_file(path) as f:
+        torch.save({"epoch": step, "name": name, "state_dict": model.state_dict(),
+                    "optimizer": optimizer.state_dict()}, f)
 
 
 def load(path: str | Path) -> dict:
