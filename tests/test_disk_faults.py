@@ -164,6 +164,17 @@ FULL = {"score": (2 + 7, ["*.parquet"]),  # one page per shard's parquet
         "reshard": (30, ["*.tar", "*.parquet"])}  # the scan's index files (13 pages), then 10 per output shard
 
 
+def _open_files(folder: Path) -> list[str]:
+    """The files under ``folder`` that this process holds open (deleted temporaries included)."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith(str(folder)):
+                found.append(target)
+    return found
+
+
 def _files(out: Path, patterns: list[str]) -> dict[str, bytes]:
     return {str(p.relative_to(out)): p.read_bytes() for pattern in patterns for p in sorted(out.glob(pattern))}
 
@@ -179,7 +190,9 @@ def test_per_shard_command_onto_a_full_disk(pool, tmp_path, small_disk, capsys, 
     the error line names the summary, which the full disk refuses too); ``atomic_path`` keeping its
     temporary on failure (features and reshard leave a ``.tmp``; pyarrow removes score's itself);
     ``run_job`` redoing done units (the kept files rewritten: new inodes); ``storage_error`` passing on
-    pyarrow's "Error writing bytes to file. Detail: [errno 28] ..." instead of the system's reason."""
+    pyarrow's "Error writing bytes to file. Detail: [errno 28] ..." instead of the system's reason;
+    ``write_shard`` giving pyarrow the temporary's path rather than ``atomic_file``'s handle (score: the
+    failed write's deleted temporary stays open in pyarrow's writer)."""
     leave, patterns = FULL[command]
     reference = tmp_path / "reference"
     assert _cli(_argv(pool, command, reference), capsys).returncode == 0
@@ -188,6 +201,7 @@ def test_per_shard_command_onto_a_full_disk(pool, tmp_path, small_disk, capsys, 
     filler = _fill(small_disk, leave * PAGE)
     line = one_error_line(_cli(_argv(pool, command, out), capsys), "No space left on device", out)
     assert "stopped with" in line and "_summary" not in line, line
+    assert not _open_files(small_disk)  # the failed writes closed their files (an open one keeps the disk full)
     kept = _files(out, patterns)
     assert kept and len(kept) < len(expected) and all(expected[name] == data for name, data in kept.items())
     assert not list(small_disk.rglob(".*.tmp"))
